@@ -17,17 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def available():
-  import benchmarks
-  return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__))
+    import benchmarks
+    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__))
 
 
 def main(argv):
-  names = available()
-  if len(argv) < 2 or argv[1] not in names:
+    names = available()
+    if len(argv) < 2 or argv[1] not in names:
     given = argv[1] if len(argv) > 1 else "(none)"
     sys.exit(f"bench.py: unknown benchmark {given!r}; choose one of {names}\n{__doc__}")
-  importlib.import_module(f"benchmarks.{argv[1]}").main(argv[2:])
+    importlib.import_module(f"benchmarks.{argv[1]}").main(argv[2:])
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+    main(sys.argv)
