@@ -24,8 +24,8 @@ def available():
 def main(argv):
     names = available()
     if len(argv) < 2 or argv[1] not in names:
-    given = argv[1] if len(argv) > 1 else "(none)"
-    sys.exit(f"bench.py: unknown benchmark {given!r}; choose one of {names}\n{__doc__}")
+        given = argv[1] if len(argv) > 1 else "(none)"
+        sys.exit(f"bench.py: unknown benchmark {given!r}; choose one of {names}\n{__doc__}")
     importlib.import_module(f"benchmarks.{argv[1]}").main(argv[2:])
 
 
