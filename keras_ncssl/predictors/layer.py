@@ -1,0 +1,252 @@
+"""The DirectPredictor layer: a linear predictor set in closed form from running statistics."""
+import sys
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ncssl.predictors.rules import get_rule
+
+_STATE_DTYPE = "float32"  # statistics never live in float16, whatever the layer's policy
+
+
+@keras.saving.register_keras_serializable(package="keras_ncssl")
+class DirectPredictor(keras.layers.Layer):
+    r"""Linear predictor ``y = x @ kernel`` whose kernel is set from a running correlation.
+
+    Statistics ([DP] §4 and its official code): after each optimizer step the detached
+    online projections f of both views (pre-l2, 2B rows) are folded into
+
+        F <- rho F + (1 - rho) mean(f f^T)          (the first batch initialises F)
+
+    or, with ``rho=None``, the running average F <- F + (mean(f f^T) - F) / (n + 1).
+    F is the raw, *uncentred* correlation (centring hurts, per [DP]); ``zero_mean=True``
+    tracks the mean mu the same way and uses F - mu mu^T. Rules that need the target
+    (LRP, NE) also get C = E[f_online f_target^T].
+
+    Every ``freq`` updates (on update 0, freq, 2 freq, ... as the code's ``niter % freq``)
+    the kernel is overwritten by ``rule(F, eps=eps, **rule_options)`` (see
+    :mod:`keras_ncssl.predictors.rules`), optionally smoothed by ``predictor_ema`` m:
+    kernel <- m kernel + (1 - m) rule(F) ([EO] uses such an EMA for stability). With
+    ``freq > 1`` the kernel is also trainable, so the optimizer trains it between refreshes,
+    the paper's "DirectPred (freq=5)"; with ``freq = 1`` it is non-trainable (a gradient step
+    that is overwritten at once changes nothing).
+
+    Numerics: statistics and the rule run in float32 (or ``statistics_dtype="float64"``) under
+    stop_gradient, whatever the mixed-precision policy; a non-finite batch statistic or kernel
+    skips that update, leaves the weights unchanged and warns (``num_skipped`` counts them).
+
+    Distribution: under a multi-replica ``tf.distribute`` strategy the per-replica batch
+    statistics are all-reduced (mean over equal per-replica batches = the global-batch mean)
+    before use, so every replica folds the same matrix and computes the same kernel; state
+    variables use ``aggregation="only_first_replica"`` so they may be assigned in replica
+    context. ``all_reduce`` overrides the reduction (a callable on a list of tensors).
+
+    Args:
+        rule: a name in ``RULES`` ("directpred", "directcopy", "lrp", "neumann", "visser",
+            "newton_schulz", "ns2", "stiefel", or one you registered).
+        rho: EMA weight of the old correlation, in [0, 1) (0.3 in [DP]); None = running average.
+        eps: the rule's additive ``eps * I`` (DirectPred's eps, [EO]'s ridge alpha).
+        freq: refresh the kernel every ``freq`` updates (int >= 1).
+        predictor_ema: m in [0, 1) for kernel <- m kernel + (1 - m) rule(F); 0 overwrites.
+        zero_mean: centre the correlation (off in [DP]).
+        rule_options: extra keyword arguments for the rule (``power``, ``eps_inside``,
+            ``normalize``, ``iterations`` ...).
+        statistics_dtype: "float32" or "float64": the dtype of the batch statistics and of the
+            rule's evaluation (eigh); the stored state is float32.
+    """
+
+    def __init__(self, rule="directpred", rho=0.3, eps=0.1, freq=1, predictor_ema=0.0,
+                 zero_mean=False, rule_options=None, statistics_dtype="float32", all_reduce=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self._rule = get_rule(rule)
+        self.rule = rule if isinstance(rule, str) else getattr(rule, "rule_name", rule.__name__)
+        if rho is not None and not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
+            raise ValueError(f"rho must be in [0, 1) or None (running average); got {rho!r}.")
+        if not isinstance(freq, (int, np.integer)) or isinstance(freq, bool) or freq < 1:
+            raise ValueError(f"freq must be an integer >= 1 (refresh every freq steps); got {freq!r}.")
+        if not 0.0 <= predictor_ema < 1.0:
+            raise ValueError(f"predictor_ema must be in [0, 1); got {predictor_ema!r}.")
+        if statistics_dtype not in ("float32", "float64"):
+            raise ValueError(f"statistics_dtype must be 'float32' or 'float64' (never float16); got {statistics_dtype!r}.")
+        self.rho = None if rho is None else float(rho)
+        self.eps = float(eps)
+        self.freq = int(freq)
+        self.predictor_ema = float(predictor_ema)
+        self.zero_mean = bool(zero_mean)
+        self.rule_options = dict(rule_options or {})
+        self.statistics_dtype = statistics_dtype
+        self.all_reduce = all_reduce
+        # Validate eps and the options now, not deep inside fit: run the rule on a 2 x 2 F.
+        try:
+            self._kernel_from(tf.eye(2, dtype=statistics_dtype), tf.eye(2, dtype=statistics_dtype))
+        except TypeError as error:
+            raise ValueError(f"rule_options {self.rule_options} are not accepted by rule {self.rule!r}: {error}") from None
+
+    @property
+    def needs_cross_correlation(self):
+        return bool(getattr(self._rule, "needs_cross_correlation", False))
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        if dim is None:
+            raise ValueError(f"DirectPredictor needs a known feature dimension; got input shape {input_shape}.")
+        self.dim = int(dim)
+        state = dict(trainable=False, dtype=_STATE_DTYPE, aggregation="only_first_replica", autocast=False)
+        self.kernel = self.add_weight(
+            name="kernel", shape=(dim, dim), initializer="identity", trainable=self.freq > 1,
+            dtype=_STATE_DTYPE, aggregation="only_first_replica")
+        self.correlation = self.add_weight(name="correlation", shape=(dim, dim), initializer="zeros", **state)
+        self.mean = (self.add_weight(name="mean", shape=(dim,), initializer="zeros", **state)
+                     if self.zero_mean else None)
+        self.cross_correlation = (
+            self.add_weight(name="cross_correlation", shape=(dim, dim), initializer="zeros", **state)
+            if self.needs_cross_correlation else None)
+        counter = dict(trainable=False, dtype="int64", initializer="zeros", aggregation="only_first_replica")
+        self.step = self.add_weight(name="step", shape=(), **counter)
+        self.num_updates = self.add_weight(name="num_updates", shape=(), **counter)
+        self.num_skipped = self.add_weight(name="num_skipped", shape=(), **counter)
+
+    def call(self, inputs):
+        return tf.matmul(inputs, tf.cast(self.kernel, inputs.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def _reduce(self, tensors):
+        if self.all_reduce is not None:
+            return list(self.all_reduce(tensors))
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            return list(context.all_reduce(tf.distribute.ReduceOp.MEAN, tensors))
+        return tensors
+
+    def batch_statistics(self, projections, target_projections=None):
+        """mean(f f^T) (and mean(f), mean(f f'^T) where used) of one batch, all-reduced."""
+        f = tf.cast(tf.stop_gradient(projections), self.statistics_dtype)
+        if f.shape.rank != 2 or (f.shape[-1] is not None and f.shape[-1] != self.dim):
+            raise ValueError(f"projections must be [batch, {self.dim}]; got shape {f.shape}.")
+        n = tf.cast(tf.shape(f)[0], f.dtype)
+        stats = [tf.matmul(f, f, transpose_a=True) / n]
+        if self.zero_mean:
+            stats.append(tf.reduce_mean(f, axis=0))
+        if self.needs_cross_correlation:
+            if target_projections is None:
+                raise ValueError(f"rule {self.rule!r} needs target_projections in update().")
+            g = tf.cast(tf.stop_gradient(target_projections), self.statistics_dtype)
+            stats.append(tf.matmul(f, g, transpose_a=True) / n)
+        return self._reduce(stats)
+
+    def update_statistics(self, projections, target_projections=None):
+        """Fold one batch of (detached) online projections into the running statistics.
+
+        ``projections``: [N, d], both views concatenated. Returns a bool tensor: folded.
+        """
+        stats = self.batch_statistics(projections, target_projections)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(s)) for s in stats])
+        variables = [self.correlation]
+        if self.zero_mean:
+            variables.append(self.mean)
+        if self.needs_cross_correlation:
+            variables.append(self.cross_correlation)
+
+        def fold():
+            n = tf.cast(self.num_updates, self.statistics_dtype)
+            if self.rho is None:
+                weight_new = 1.0 / (n + 1.0)
+            else:  # the first batch initialises the EMA, as in [DP]'s code
+                weight_new = tf.where(n > 0, tf.constant(1.0 - self.rho, n.dtype), tf.ones_like(n))
+            for variable, batch in zip(variables, stats):
+                old = tf.cast(variable, self.statistics_dtype)
+                variable.assign(tf.cast(old + weight_new * (batch - old), _STATE_DTYPE))
+            self.num_updates.assign_add(1)
+            return tf.constant(True)
+
+        def skip():
+            self._skip("non-finite batch statistics; the correlation update was skipped")
+            return tf.constant(False)
+
+        return tf.cond(finite, fold, skip)
+
+    # -- kernel -----------------------------------------------------------------------------
+
+    def _kernel_from(self, correlation, cross_correlation):
+        options = dict(self.rule_options)
+        if self.needs_cross_correlation:
+            options["cross_correlation"] = cross_correlation
+        return self._rule(correlation, eps=self.eps, **options)
+
+    def statistics_for_rule(self):
+        """(F, C) as the rule sees them: F - mu mu^T under ``zero_mean``; C or None."""
+        correlation = tf.cast(self.correlation, self.statistics_dtype)
+        if self.zero_mean:
+            mean = tf.cast(self.mean, self.statistics_dtype)
+            correlation = correlation - mean[:, None] * mean[None, :]
+        cross = (tf.cast(self.cross_correlation, self.statistics_dtype)
+                 if self.needs_cross_correlation else None)
+        return correlation, cross
+
+    def refresh(self):
+        """Recompute the kernel from the current statistics. Returns a bool tensor: applied.
+
+        Skipped (kernel unchanged) before any statistics exist, and, with a warning, when the
+        statistics or the rule's result are not finite.
+        """
+        correlation, cross = self.statistics_for_rule()
+        has_data = self.num_updates > 0
+
+        def compute():
+            stats_finite = tf.reduce_all(tf.math.is_finite(correlation))
+            # eigh of a non-finite matrix can fail or hang on some backends: never call it.
+            safe = tf.where(stats_finite, correlation, tf.eye(self.dim, dtype=correlation.dtype))
+            safe_cross = None if cross is None else tf.where(stats_finite, cross, tf.zeros_like(cross))
+            kernel = tf.cast(tf.stop_gradient(self._kernel_from(safe, safe_cross)), _STATE_DTYPE)
+            return kernel, tf.logical_and(stats_finite, tf.reduce_all(tf.math.is_finite(kernel)))
+
+        kernel, ok = tf.cond(has_data, compute,
+                             lambda: (tf.cast(self.kernel, _STATE_DTYPE), tf.constant(False)))
+
+        def apply():
+            m = self.predictor_ema
+            new = kernel if m == 0.0 else m * tf.cast(self.kernel, _STATE_DTYPE) + (1.0 - m) * kernel
+            self.kernel.assign(new)
+            return tf.constant(True)
+
+        def skip():
+            self._skip("non-finite correlation or kernel; the predictor refresh was skipped")
+            return tf.constant(False)
+
+        return tf.cond(ok, apply, lambda: tf.cond(has_data, skip, lambda: tf.constant(False)))
+
+    def update(self, projections, target_projections=None):
+        """One training step's update: fold the statistics, then refresh if due.
+
+        The kernel is refreshed on updates 0, freq, 2 freq, ... (the code's
+        ``niter % freq == 0``) unless that batch was skipped as non-finite. Returns a bool
+        tensor: the kernel was refreshed.
+        """
+        folded = self.update_statistics(projections, target_projections)
+        # A skipped batch skips its refresh too: the kernel stays exactly as it was.
+        due = tf.logical_and(folded, tf.equal(self.step % self.freq, 0))
+        refreshed = tf.cond(due, self.refresh, lambda: tf.constant(False))
+        self.step.assign_add(1)
+        return refreshed
+
+    def _skip(self, message):
+        self.num_skipped.assign_add(1)
+        text = f"DirectPredictor({self.name}): {message}."
+        if tf.executing_eagerly():
+            warnings.warn(text, RuntimeWarning, stacklevel=3)
+        else:  # inside a compiled train_step a Python warning would fire at trace time only
+            tf.print("WARNING:", text, output_stream=sys.stderr)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rule=self.rule, rho=self.rho, eps=self.eps, freq=self.freq,
+                      predictor_ema=self.predictor_ema, zero_mean=self.zero_mean,
+                      rule_options=dict(self.rule_options), statistics_dtype=self.statistics_dtype)
+        return config
