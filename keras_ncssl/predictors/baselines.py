@@ -63,7 +63,7 @@ def mlp_predictor(dim, hidden_dim=512, synchronized_bn=False, name="predictor"):
     """
     from keras_ncssl import heads  # the shared MLP head builder
 
-    return heads.mlp_head(input_dim=dim, hidden_dim=hidden_dim, output_dim=dim,
+    return heads.mlp_head(dim, (hidden_dim,), dim,
                           synchronized_bn=synchronized_bn, name=name)
 
 

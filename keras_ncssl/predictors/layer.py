@@ -154,23 +154,22 @@ class DirectPredictor(keras.layers.Layer):
         if self.needs_cross_correlation:
             variables.append(self.cross_correlation)
 
-        def fold():
-            n = tf.cast(self.num_updates, self.statistics_dtype)
-            if self.rho is None:
-                weight_new = 1.0 / (n + 1.0)
-            else:  # the first batch initialises the EMA, as in [DP]'s code
-                weight_new = tf.where(n > 0, tf.constant(1.0 - self.rho, n.dtype), tf.ones_like(n))
-            for variable, batch in zip(variables, stats):
-                old = tf.cast(variable, self.statistics_dtype)
-                variable.assign(tf.cast(old + weight_new * (batch - old), _STATE_DTYPE))
-            self.num_updates.assign_add(1)
-            return tf.constant(True)
-
-        def skip():
-            self._skip("non-finite batch statistics; the correlation update was skipped")
-            return tf.constant(False)
-
-        return tf.cond(finite, fold, skip)
+        n = tf.cast(self.num_updates, self.statistics_dtype)
+        if self.rho is None:
+            weight_new = 1.0 / (n + 1.0)
+        else:  # the first batch initialises the EMA, as in [DP]'s code
+            weight_new = tf.where(n > 0, tf.constant(1.0 - self.rho, n.dtype), tf.ones_like(n))
+        # The variables are assigned unconditionally, a skipped batch writing back the old
+        # value: under a tf.distribute strategy, assigning an aggregated variable in replica
+        # context is a merge_call, which TensorFlow rejects inside tf.cond.
+        for variable, batch in zip(variables, stats):
+            old = tf.cast(variable, self.statistics_dtype)
+            new = old + weight_new * (batch - old)
+            variable.assign(tf.cast(tf.where(finite, new, old), _STATE_DTYPE))
+        self.num_updates.assign_add(tf.cast(finite, "int64"))
+        self._report_skip(tf.logical_not(finite),
+                          "non-finite batch statistics; the correlation update was skipped")
+        return finite
 
     # -- kernel -----------------------------------------------------------------------------
 
@@ -196,8 +195,18 @@ class DirectPredictor(keras.layers.Layer):
         Skipped (kernel unchanged) before any statistics exist, and, with a warning, when the
         statistics or the rule's result are not finite.
         """
+        return self._refresh(tf.constant(True))
+
+    def _refresh(self, due):
+        """``refresh`` if the bool tensor ``due`` is true; the kernel is unchanged otherwise.
+
+        Only the kernel's computation is conditional (eigh runs only when due); the kernel is
+        assigned unconditionally (the old value when not applied), for the same reason as in
+        ``update_statistics``: no assignment inside tf.cond under a strategy.
+        """
         correlation, cross = self.statistics_for_rule()
-        has_data = self.num_updates > 0
+        attempt = tf.logical_and(due, self.num_updates > 0)
+        old = tf.cast(self.kernel, _STATE_DTYPE)
 
         def compute():
             stats_finite = tf.reduce_all(tf.math.is_finite(correlation))
@@ -207,20 +216,13 @@ class DirectPredictor(keras.layers.Layer):
             kernel = tf.cast(tf.stop_gradient(self._kernel_from(safe, safe_cross)), _STATE_DTYPE)
             return kernel, tf.logical_and(stats_finite, tf.reduce_all(tf.math.is_finite(kernel)))
 
-        kernel, ok = tf.cond(has_data, compute,
-                             lambda: (tf.cast(self.kernel, _STATE_DTYPE), tf.constant(False)))
-
-        def apply():
-            m = self.predictor_ema
-            new = kernel if m == 0.0 else m * tf.cast(self.kernel, _STATE_DTYPE) + (1.0 - m) * kernel
-            self.kernel.assign(new)
-            return tf.constant(True)
-
-        def skip():
-            self._skip("non-finite correlation or kernel; the predictor refresh was skipped")
-            return tf.constant(False)
-
-        return tf.cond(ok, apply, lambda: tf.cond(has_data, skip, lambda: tf.constant(False)))
+        kernel, ok = tf.cond(attempt, compute, lambda: (old, tf.constant(False)))
+        m = self.predictor_ema
+        new = kernel if m == 0.0 else m * old + (1.0 - m) * kernel
+        self.kernel.assign(tf.where(ok, new, old))
+        self._report_skip(tf.logical_and(attempt, tf.logical_not(ok)),
+                          "non-finite correlation or kernel; the predictor refresh was skipped")
+        return ok
 
     def update(self, projections, target_projections=None):
         """One training step's update: fold the statistics, then refresh if due.
@@ -232,17 +234,24 @@ class DirectPredictor(keras.layers.Layer):
         folded = self.update_statistics(projections, target_projections)
         # A skipped batch skips its refresh too: the kernel stays exactly as it was.
         due = tf.logical_and(folded, tf.equal(self.step % self.freq, 0))
-        refreshed = tf.cond(due, self.refresh, lambda: tf.constant(False))
+        refreshed = self._refresh(due)
         self.step.assign_add(1)
         return refreshed
 
-    def _skip(self, message):
-        self.num_skipped.assign_add(1)
+    def _report_skip(self, skipped, message):
+        """Count a skipped update (bool tensor ``skipped``) and warn about it."""
+        self.num_skipped.assign_add(tf.cast(skipped, "int64"))
         text = f"DirectPredictor({self.name}): {message}."
         if tf.executing_eagerly():
-            warnings.warn(text, RuntimeWarning, stacklevel=3)
-        else:  # inside a compiled train_step a Python warning would fire at trace time only
+            if bool(skipped):
+                warnings.warn(text, RuntimeWarning, stacklevel=3)
+            return
+
+        def warn():  # inside a compiled train_step a Python warning would fire at trace time only
             tf.print("WARNING:", text, output_stream=sys.stderr)
+            return tf.constant(True)
+
+        tf.cond(skipped, warn, lambda: tf.constant(False))
 
     def get_config(self):
         config = super().get_config()

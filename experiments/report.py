@@ -1,0 +1,135 @@
+"""report.json and report.md (with plots) from a work directory's pretrain.json and eval.json."""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_ncssl.checkpoint import write_json_atomic  # noqa: E402
+
+
+def _load(workdir, name):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _series(history, key):
+    return [h["epoch"] for h in history if key in h], [h[key] for h in history if key in h]
+
+
+def plot_training(history, path):
+    keys = [k for k in ("loss", "projection_std", "knn_top1", "effective_rank") if _series(history, k)[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(*_series(history, key), marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_spectrum(spectrum, path):
+    """[DP] Fig. 2: log eig(F), eig(W_p) and the alignment cos(u_j, W_p u_j) over training."""
+    panels = [("spectrum_F", "log10 eig(F)"), ("spectrum_Wp", "eig(W_p)"), ("alignment", "cos(u_j, W_p u_j)")]
+    panels = [(k, t) for k, t in panels if any(k in r for r in spectrum)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    colours = plt.cm.viridis(np.linspace(0, 1, max(len(spectrum), 2)))
+    for ax, (key, title) in zip(axes[0], panels):
+        for colour, record in zip(colours, spectrum):
+            if key not in record:
+                continue
+            values = np.asarray(record[key], float)
+            if key == "spectrum_F":
+                values = np.log10(np.maximum(values, 1e-12))
+            ax.plot(values, color=colour, label=f"epoch {record['epoch']}")
+        ax.set_title(title)
+        ax.set_xlabel("eigen-index j (F's eigenvalues, descending)")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _row(name, result):
+    if not result:
+        return f"| {name} | – | – | – |"
+    few = result.get("few_label_top1_mean")
+    few_text = "–" if few is None else f"{100 * few:.2f} ± {100 * (result.get('few_label_top1_std') or 0):.2f}"
+    return (f"| {name} | {100 * result['linear_probe_top1']:.2f} | {100 * result['knn_top1']:.2f} | "
+            f"{few_text} |")
+
+
+def write(config):
+    """Write report.json and report.md for ``config['workdir']``; returns the report.md path."""
+    workdir = config["workdir"]
+    pretrain = _load(workdir, "pretrain.json") or {}
+    evaluation = _load(workdir, "eval.json") or {}
+    flags = (_load(workdir, "flags.json") or {}).get("all", config)
+    trained = evaluation.get("trained", {})
+    history = pretrain.get("history", [])
+    spectrum = pretrain.get("spectrum", [])
+    report = {
+        "linear_probe_top1": trained.get("linear_probe_top1"),
+        "knn_top1": trained.get("knn_top1"),
+        "few_label_top1_mean": trained.get("few_label_top1_mean"),
+        "few_label_top1_std": trained.get("few_label_top1_std"),
+        "few_label_n_per_class": trained.get("few_label_n_per_class"),
+        "baselines": {k: evaluation.get(k) for k in ("random_init", "raw_pixels") if k in evaluation},
+        "gain_over_random_init": (
+            {"linear_probe": trained["linear_probe_top1"] - evaluation["random_init"]["linear_probe_top1"],
+             "few_label": (trained["few_label_top1_mean"] or 0) - (evaluation["random_init"]["few_label_top1_mean"] or 0),
+             "knn": trained["knn_top1"] - evaluation["random_init"]["knn_top1"]}
+            if trained and "random_init" in evaluation else None),
+        "protocol": evaluation.get("protocol"),
+        "epochs": pretrain.get("epochs"),
+        "train_seconds": pretrain.get("train_seconds"),
+        "images_per_sec": pretrain.get("images_per_sec"),
+        "final_projection_std": history[-1].get("projection_std") if history else None,
+        "final_effective_rank": spectrum[-1].get("effective_rank") if spectrum else None,
+        "history": history,
+        "trained": trained,
+        "flags": flags,
+    }
+    write_json_atomic(os.path.join(workdir, "report.json"), report)
+    plots = os.path.join(workdir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    lines = [f"# keras_ncssl run: {os.path.basename(os.path.abspath(workdir))}", "",
+             f"{flags.get('method', '?').upper()} with predictor `{flags.get('predictor')}` on "
+             f"`{flags.get('dataset')}` ({flags.get('encoder')} encoder, {flags.get('image_size')} px), "
+             f"{pretrain.get('epochs', '?')} epochs, batch {flags.get('batch_size')}.", ""]
+    if evaluation:
+        lines += ["## Accuracy (test split, %)", "", "| encoder | linear probe | kNN | few-label |",
+                  "|---|---|---|---|", _row("trained (online encoder)", trained),
+                  _row("random init (same architecture, untrained)", evaluation.get("random_init")),
+                  _row("raw pixels", evaluation.get("raw_pixels")), "",
+                  f"Protocol: {evaluation.get('protocol')}.", ""]
+        if report["gain_over_random_init"]:
+            gain = report["gain_over_random_init"]
+            lines += [f"Self-supervision bought {100 * gain['linear_probe']:+.2f} points of linear probe, "
+                      f"{100 * gain['few_label']:+.2f} few-label and {100 * gain['knn']:+.2f} kNN over the "
+                      "untrained encoder of this run (one seed: compare across seeds before concluding).", ""]
+    if pretrain:
+        lines += ["## Training", "", f"Train time {pretrain['train_seconds']:.0f} s, "
+                  f"{pretrain['images_per_sec']:.1f} images/s (a sample = a pair of views).", ""]
+    if history:
+        plot_training(history, os.path.join(plots, "training.png"))
+        lines += ["![training curves](plots/training.png)", ""]
+    if spectrum:
+        plot_spectrum(spectrum, os.path.join(plots, "spectrum.png"))
+        lines += ["## Predictor and representation spectrum ([DP] Fig. 2)", "",
+                  "![spectrum and eigen-alignment](plots/spectrum.png)", "",
+                  f"Final effective rank of F: {report['final_effective_rank']}; "
+                  f"mean alignment cos(u_j, W_p u_j): {spectrum[-1].get('alignment_mean')}.", ""]
+    lines += ["## Flags", "", "```", *(f"--{k}={v}" for k, v in sorted(flags.items())), "```", ""]
+    path = os.path.join(workdir, "report.md")
+    with open(path + ".tmp", "w") as handle:
+        handle.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,49 @@
+"""The experiment runner: pretrain -> evaluate -> export -> report.
+
+    python experiments/run.py --flagfile=experiments/quick.flags --workdir=runs/quick
+    python experiments/run.py --flagfile=stl10.flags --workdir=runs/stl10 --data_dir=~/tensorflow_datasets
+    python experiments/run.py --flagfile=experiments/quick.flags --workdir=runs/quick --mode=eval
+
+Rerunning the same command on the same workdir resumes from its newest checkpoint. Every stage
+can run alone on an existing workdir (--mode). Only this directory parses flags; the library
+takes plain arguments.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
+
+
+def _resolve_flagfile_argument(argv):
+    """`--flagfile=stl10.flags` from the repository root means experiments/stl10.flags."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--flagfile="):
+            path = arg.split("=", 1)[1]
+            if not os.path.exists(path) and os.path.exists(os.path.join(_HERE, path)):
+                arg = "--flagfile=" + os.path.join(_HERE, path)
+        out.append(arg)
+    return out
+
+
+from absl import app, flags  # noqa: E402
+
+import runner_flags  # noqa: E402,F401  (defines every flag)
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import runner  # imports TensorFlow: after flag parsing, so --help is fast
+
+    config = runner_flags.resolved(FLAGS)
+    runner.run(config)
+
+
+if __name__ == "__main__":
+    app.run(main, argv=_resolve_flagfile_argument(sys.argv))

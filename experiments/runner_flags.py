@@ -1,0 +1,118 @@
+"""Every flag of experiments/run.py, and their validation before anything runs.
+
+Flags are grouped: TRAINING flags define the pretraining run and must match an existing
+workdir's; the others (stage, evaluation, logging) may change between invocations.
+"""
+from absl import flags
+
+TRAINING = []  # names of flags that define the pretraining run
+
+
+def _training(define, name, *args, **kwargs):
+    TRAINING.append(name)
+    return define(name, *args, **kwargs)
+
+
+PREDICTORS = ["directpred", "directcopy", "lrp", "neumann", "visser", "newton_schulz", "ns2", "stiefel",
+              "linear", "linear_symmetric", "mlp", "none"]
+
+# -- run ---------------------------------------------------------------------------------------
+flags.DEFINE_string("workdir", "runs/default", "Work directory: checkpoints, logs, report, encoder/.")
+flags.DEFINE_enum("mode", "all", ["all", "pretrain", "eval", "export", "report"], "Stage(s) to run.")
+flags.DEFINE_string("strategy", "default", "default | cpu:N | mirrored | multi_worker | tpu.")
+flags.DEFINE_string("tpu_address", None, "TPU address for --strategy=tpu.")
+flags.DEFINE_string("data_dir", None, "Data directory (tfds data_dir, image folder root, ...).")
+flags.DEFINE_bool("download", False, "Let tensorflow-datasets download a missing dataset.")
+flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+# -- data --------------------------------------------------------------------------------------
+_training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry name (keras_ncssl.data).")
+_training(flags.DEFINE_integer, "image_size", 32, "Encoder input size (pixels).")
+_training(flags.DEFINE_integer, "channels", 3, "Encoder input channels (grey data is repeated).")
+_training(flags.DEFINE_string, "augment", "byol", "Augmentation preset (keras_ncssl.augment.PRESETS).")
+_training(flags.DEFINE_float, "validation_fraction", 0.1, "Train fraction held out for probe selection.")
+_training(flags.DEFINE_integer, "pretrain_limit", 0, "Use only the first N pretraining images (0 = all).")
+# -- model -------------------------------------------------------------------------------------
+_training(flags.DEFINE_enum, "method", "byol", ["byol", "simsiam"], "BYOL (EMA target) or SimSiam.")
+_training(flags.DEFINE_string, "encoder", "resnet18", "Encoder (keras_ncssl.encoders.ENCODERS).")
+_training(flags.DEFINE_enum, "stem", "cifar", ["cifar", "imagenet"], "ResNet stem.")
+_training(flags.DEFINE_float, "width_multiplier", 1.0, "Encoder width multiplier.")
+_training(flags.DEFINE_integer, "projector_hidden", 512, "Projector hidden width.")
+_training(flags.DEFINE_integer, "projection_dim", 128, "Projection (predictor) dimension d.")
+_training(flags.DEFINE_bool, "projector_bn_affine", False, "Affine BN in the heads ([DP] code: off).")
+_training(flags.DEFINE_string, "synchronized_bn", "auto", "auto (on with >1 replica) | true | false.")
+_training(flags.DEFINE_bool, "forward_views_together", False, "One encoder pass over both views.")
+# -- predictor ---------------------------------------------------------------------------------
+_training(flags.DEFINE_enum, "predictor", "directpred", PREDICTORS, "Predictor rule or trainable baseline.")
+_training(flags.DEFINE_string, "rho", "0.3", "Correlation EMA in [0, 1), or 'none' for a running average.")
+_training(flags.DEFINE_float, "eps", 0.1, "Additive eps I of the rule (DirectPred eps / EO ridge).")
+_training(flags.DEFINE_integer, "freq", 1, "Refresh the predictor every freq steps (>1: SGD in between).")
+_training(flags.DEFINE_float, "power", 0.5, "DirectPred root order (0.5 = sqrt; 1 = DirectCopy-like).")
+_training(flags.DEFINE_bool, "eps_inside", False, "DirectPred: p = (s/s_max + eps)^power.")
+_training(flags.DEFINE_enum, "normalize", "spectral", ["spectral", "frobenius", "none"], "DirectCopy norm.")
+_training(flags.DEFINE_bool, "zero_mean", False, "Centre the correlation (off in [DP]).")
+_training(flags.DEFINE_float, "predictor_ema", 0.0, "EMA of the kernel across refreshes ([EO]).")
+_training(flags.DEFINE_integer, "rule_iterations", 0, "Iterations for visser/newton_schulz/ns2/stiefel (0 = default).")
+_training(flags.DEFINE_integer, "predictor_hidden", 512, "Hidden width of the mlp predictor.")
+# -- optimisation ------------------------------------------------------------------------------
+_training(flags.DEFINE_bool, "ema", True, "BYOL target EMA (false: target = online under stop-grad).")
+_training(flags.DEFINE_float, "tau_base", 0.996, "EMA decay at the start.")
+_training(flags.DEFINE_enum, "tau_schedule", "constant", ["constant", "cosine"], "EMA schedule ([DP]: constant).")
+_training(flags.DEFINE_enum, "optimizer", "sgd", ["sgd", "lars"], "SGD (coupled L2, PyTorch) or LARS.")
+_training(flags.DEFINE_float, "lr", 0.03, "Peak learning rate.")
+_training(flags.DEFINE_float, "momentum", 0.9, "Momentum.")
+_training(flags.DEFINE_float, "weight_decay", 4e-4, "Weight decay.")
+_training(flags.DEFINE_enum, "lr_schedule", "constant", ["constant", "cosine"], "Learning-rate schedule.")
+_training(flags.DEFINE_float, "warmup_epochs", 0.0, "Linear warm-up epochs.")
+_training(flags.DEFINE_float, "predictor_lr_multiplier", 1.0, "Predictor learning rate x alpha_p.")
+_training(flags.DEFINE_bool, "predictor_only_weight_decay", False, "Decay the predictor only ([DP] Tab. 5).")
+_training(flags.DEFINE_integer, "batch_size", 128, "Global batch size.")
+_training(flags.DEFINE_integer, "epochs", 100, "Pretraining epochs.")
+_training(flags.DEFINE_integer, "steps_per_epoch", 0, "Cap steps per epoch (0 = a full pass).")
+_training(flags.DEFINE_integer, "seed", 0, "Seed of weights, shuffling and augmentation.")
+_training(flags.DEFINE_enum, "mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Policy.")
+_training(flags.DEFINE_bool, "jit_compile", False, "XLA-compile the train step.")
+# -- checkpoints, monitoring, evaluation ---------------------------------------------------------
+flags.DEFINE_integer("checkpoint_every_steps", 200, "Also checkpoint every N steps within an epoch (0: epoch ends only).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+flags.DEFINE_integer("knn_monitor_every", 1, "kNN monitor every N epochs (0 = off).")
+flags.DEFINE_integer("knn_monitor_bank", 5000, "kNN monitor: training images in the bank.")
+flags.DEFINE_integer("knn_monitor_queries", 1000, "kNN monitor: validation queries.")
+flags.DEFINE_integer("knn_k", 200, "kNN neighbours.")
+flags.DEFINE_float("knn_temperature", 0.1, "kNN temperature.")
+flags.DEFINE_integer("few_label_per_class", 10, "Few-label probe: labels per class.")
+flags.DEFINE_integer("few_label_draws", 5, "Few-label probe: number of draws.")
+flags.DEFINE_integer("probe_train_limit", 0, "Cap the probe's training split (0 = all).")
+flags.DEFINE_bool("eval_baselines", True, "Also evaluate a random-init encoder and raw pixels.")
+
+
+def resolved(values):
+    """A plain dict of every flag of this module, validated; raises ValueError naming the fix."""
+    names = [f.name for f in values.get_key_flags_for_module(__name__)]
+    config = {name: values[name].value for name in names}
+    rho = str(config["rho"]).lower()
+    if rho == "none":
+        config["rho"] = None
+    else:
+        try:
+            config["rho"] = float(rho)
+        except ValueError:
+            raise ValueError(f"--rho={config['rho']!r}: give a number in [0, 1) or 'none'.") from None
+        if not 0.0 <= config["rho"] < 1.0:
+            raise ValueError(f"--rho={config['rho']}: must be in [0, 1) (or 'none' for a running average).")
+    if config["freq"] < 1:
+        raise ValueError(f"--freq={config['freq']}: must be an integer >= 1 (1 = refresh every step).")
+    for name in ("batch_size", "epochs", "image_size", "channels", "projection_dim"):
+        if config[name] < 1:
+            raise ValueError(f"--{name}={config[name]}: must be >= 1.")
+    if not 0.0 < config["validation_fraction"] < 1.0:
+        raise ValueError(f"--validation_fraction={config['validation_fraction']}: must be in (0, 1).")
+    if config["synchronized_bn"] not in ("auto", "true", "false"):
+        raise ValueError(f"--synchronized_bn={config['synchronized_bn']!r}: choose auto, true or false.")
+    if not 0.0 <= config["tau_base"] <= 1.0:
+        raise ValueError(f"--tau_base={config['tau_base']}: must be in [0, 1].")
+    return config
+
+
+def training_subset(config):
+    """The flags that define the pretraining run (compared against an existing workdir)."""
+    return {name: config[name] for name in TRAINING}

@@ -1,0 +1,84 @@
+"""Keras callbacks that watch the predictor and the representation during training."""
+import warnings
+
+import keras
+import numpy as np
+
+from keras_ncssl import diagnostics
+from keras_ncssl.predictors.layer import DirectPredictor
+
+
+class SpectrumMonitor(keras.callbacks.Callback):
+    """Per-epoch spectrum of F and W_p, eigen-alignment and collapse warnings ([DP] Fig. 2).
+
+    At the end of every ``every_n_epochs``-th epoch it reads the predictor-input correlation F
+    (a :class:`DirectPredictor`'s running ``correlation``; for other predictors, the
+    correlation of the online projections of ``probe_images``) and the predictor matrix W_p
+    (``kernel``, where the predictor has one), then records with the functions of
+    :mod:`keras_ncssl.diagnostics`:
+
+    - ``spectrum(F)`` and the eigenvalues of sym(W_p),
+    - the eigen-alignment cos(u_j, W_p u_j) over F's eigenvectors u_j,
+    - ``effective_rank(F)`` and ``commutator_norm(F, W_p)``.
+
+    Scalars go into ``logs`` (``effective_rank``, ``alignment_mean``, ``commutator_norm``) so
+    History, CSV and TensorBoard see them; the full per-epoch arrays stay in ``self.records``
+    for the report. It warns when ``projection_std`` falls below ``collapse_std`` (the loss
+    keeps falling as a model collapses, PITFALLS.md) and when the predictor skipped updates
+    because of non-finite statistics.
+    """
+
+    def __init__(self, probe_images=None, every_n_epochs=1, collapse_std=0.01):
+        super().__init__()
+        self.probe_images = probe_images
+        self.every_n_epochs = int(every_n_epochs)
+        self.collapse_std = float(collapse_std)
+        self.records = []
+        self._skipped = 0
+
+    def _correlation(self):
+        predictor = self.model.predictor
+        if isinstance(predictor, DirectPredictor):
+            return predictor.statistics_for_rule()[0].numpy().astype(np.float64)
+        if self.probe_images is None:
+            return None
+        z = self.model.projector(self.model.encoder(self.probe_images, training=False), training=False)
+        z = np.asarray(z, np.float64)
+        return z.T @ z / len(z)
+
+    def measure(self):
+        """The diagnostics of the model as it stands: a dict of arrays and scalars."""
+        correlation = self._correlation()
+        kernel = getattr(self.model.predictor, "kernel", None)
+        kernel = None if kernel is None else np.asarray(kernel.numpy(), np.float64)
+        record = {}
+        if correlation is not None:
+            record["spectrum_F"] = diagnostics.spectrum(correlation).tolist()
+            record["effective_rank"] = float(diagnostics.effective_rank(correlation))
+        if kernel is not None:
+            record["spectrum_Wp"] = diagnostics.spectrum(kernel).tolist()
+        if correlation is not None and kernel is not None:
+            alignment, _ = diagnostics.eigen_alignment(correlation, kernel)
+            record["alignment"] = alignment.tolist()
+            record["alignment_mean"] = float(np.mean(alignment))
+            record["commutator_norm"] = float(diagnostics.commutator_norm(correlation, kernel))
+        return record
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        if (epoch + 1) % self.every_n_epochs == 0:
+            record = self.measure()
+            record["epoch"] = int(epoch) + 1
+            self.records.append(record)
+            for key in ("effective_rank", "alignment_mean", "commutator_norm"):
+                if key in record:
+                    logs[key] = record[key]
+        std = logs.get("projection_std")
+        if std is not None and float(std) < self.collapse_std:
+            warnings.warn(f"epoch {epoch + 1}: projection_std {float(std):.4g} < {self.collapse_std}: "
+                          "the representation is collapsing.", RuntimeWarning, stacklevel=2)
+        skipped = getattr(self.model.predictor, "num_skipped", None)
+        if skipped is not None and int(skipped.numpy()) > self._skipped:
+            warnings.warn(f"epoch {epoch + 1}: the predictor skipped {int(skipped.numpy()) - self._skipped} "
+                          "update(s) with non-finite statistics.", RuntimeWarning, stacklevel=2)
+            self._skipped = int(skipped.numpy())

@@ -1,0 +1,97 @@
+"""Atomic, resumable training checkpoints.
+
+Everything a run needs to continue exactly is in one ``tf.train.Checkpoint``: the online and
+target networks, the predictor's state (kernel, correlation, step counters), the optimizer's
+slots and iteration count, and the run's progress (epoch, step within the epoch). Run-level
+records (per-epoch history, diagnostics) go in a JSON file beside each checkpoint.
+
+Atomicity: TensorFlow writes a checkpoint's data before the ``checkpoint`` state file names it,
+and the JSON side file is written to a temporary name and renamed, so a run killed mid-write
+leaves at worst a newest checkpoint that fails to load. :meth:`TrainingCheckpoint.restore`
+then falls back to the previous one with a warning; if none loads it raises, and never
+silently starts from scratch.
+"""
+import json
+import os
+import tempfile
+import warnings
+
+import tensorflow as tf
+
+
+def write_json_atomic(path, payload):
+    """Write JSON to ``path`` via a temporary file and an atomic rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1, default=float)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointRestoreError(RuntimeError):
+    """Checkpoints exist but none of them could be restored."""
+
+
+class TrainingCheckpoint:
+    """Saves and restores a model (with its optimizer) and the run's progress.
+
+    ``model.optimizer`` must be built (``optimizer.build(variables)``) before ``restore`` so
+    its slot variables exist to receive the saved values.
+    """
+
+    def __init__(self, directory, model, max_to_keep=3):
+        self.directory = directory
+        self.progress = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="progress")
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              progress=self.progress)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+
+    @staticmethod
+    def _records_path(prefix):
+        return prefix + ".records.json"
+
+    def save(self, epoch, step_in_epoch, records, number):
+        """Save at (``epoch``, ``step_in_epoch`` completed steps); ``records`` is JSON."""
+        self.progress.assign([epoch, step_in_epoch])
+        # The records are written first under the name the checkpoint will get, so a
+        # checkpoint the state file names always has its records.
+        prefix = os.path.join(self.directory, f"ckpt-{number}")
+        write_json_atomic(self._records_path(prefix), {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                                                        "records": records})
+        return self.manager.save(checkpoint_number=number)
+
+    def restore(self):
+        """Restore the newest loadable checkpoint: (epoch, step_in_epoch, records) or None.
+
+        None means the directory holds no checkpoint (a fresh run).
+        """
+        candidates = list(reversed(self.manager.checkpoints))
+        errors = []
+        for prefix in candidates:
+            try:
+                with open(self._records_path(prefix)) as handle:
+                    side = json.load(handle)
+                self.checkpoint.read(prefix).assert_existing_objects_matched()
+            except Exception as error:  # a truncated or corrupt file raises many types
+                errors.append(f"{prefix}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                warnings.warn(f"checkpoint {prefix} could not be restored ({errors[-1]}); "
+                              "falling back to the previous one.", RuntimeWarning, stacklevel=2)
+                continue
+            epoch, step = (int(v) for v in self.progress.numpy())
+            if (epoch, step) != (side["epoch"], side["step_in_epoch"]):
+                raise CheckpointRestoreError(f"{prefix}: progress {epoch, step} disagrees with its "
+                                             f"records {side['epoch'], side['step_in_epoch']}.")
+            return epoch, step, side["records"]
+        if candidates:
+            raise CheckpointRestoreError(
+                f"none of the checkpoints in {self.directory} could be restored:\n  " + "\n  ".join(errors)
+                + "\nRefusing to start from scratch over them: move the work directory away to start over.")
+        return None

@@ -1,0 +1,79 @@
+"""BYOL and SimSiam losses (ALGORITHMS.md §1).
+
+Per-sample losses take predictions p and targets z of shape (batch, dim) and return shape
+(batch,). They compute in float32 (float64 inputs stay float64) so that a mixed-precision model
+(float16/bfloat16 activations) gets an accurate loss; this is the "keep the predictor path in
+float32" rule of PITFALLS.md.
+"""
+import keras
+from keras import ops
+
+__all__ = ["LOSSES", "DIRECTION_WEIGHTS", "l2_normalize", "normalized_mse", "negative_cosine",
+           "symmetric_loss"]
+
+# torch.nn.functional.normalize's default: x / max(||x||, eps).
+DEFAULT_EPSILON = 1e-12
+
+
+def _as_float(x):
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) in ("float32", "float64"):
+        return x
+    return ops.cast(x, "float32")
+
+
+def l2_normalize(x, epsilon=DEFAULT_EPSILON):
+    """x / max(||x||_2, epsilon) along the last axis, in at least float32.
+
+    Written as x * rsqrt(max(sum x^2, epsilon^2)) (PyTorch `F.normalize` semantics), which has a
+    finite gradient at x = 0.
+    """
+    if not epsilon > 0:
+        raise ValueError(f"l2_normalize: epsilon={epsilon!r} must be > 0.")
+    x = _as_float(x)
+    squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return x * ops.rsqrt(ops.maximum(squared, ops.cast(epsilon, x.dtype) ** 2))
+
+
+def _cosine(p, z, epsilon):
+    p, z = _as_float(p), _as_float(z)
+    if keras.backend.standardize_dtype(p.dtype) != keras.backend.standardize_dtype(z.dtype):
+        # float32 vs float64: compute in float64.
+        p, z = ops.cast(p, "float64"), ops.cast(z, "float64")
+    return ops.sum(l2_normalize(p, epsilon) * l2_normalize(z, epsilon), axis=-1)
+
+
+def normalized_mse(p, z, epsilon=DEFAULT_EPSILON):
+    """BYOL loss per sample: ||p/||p|| - z/||z||||^2 = 2 - 2 cos(p, z) ([BYOL] Eq. 2)."""
+    return 2.0 - 2.0 * _cosine(p, z, epsilon)
+
+
+def negative_cosine(p, z, epsilon=DEFAULT_EPSILON):
+    """SimSiam loss per sample: D(p, z) = -cos(p, z) ([SimSiam] Eq. 1)."""
+    return -_cosine(p, z, epsilon)
+
+
+# kind -> per-sample loss; DIRECTION_WEIGHTS[kind] multiplies each of the two view directions.
+LOSSES = {"byol": normalized_mse, "simsiam": negative_cosine}
+# [BYOL] sums the two directions (L + L~); [SimSiam] averages them (1/2 D(p1,z2) + 1/2 D(p2,z1)).
+DIRECTION_WEIGHTS = {"byol": 1.0, "simsiam": 0.5}
+
+
+def symmetric_loss(kind, p1, p2, z1, z2, epsilon=DEFAULT_EPSILON):
+    """Symmetrised scalar loss over the two views.
+
+    byol:    mean_b L(p1, sg z2) + mean_b L(p2, sg z1), L = normalized_mse   ([BYOL] §3.2)
+    simsiam: 0.5 mean_b D(p1, sg z2) + 0.5 mean_b D(p2, sg z1), D = -cos    ([SimSiam] Eq. 2)
+
+    p1, p2 are the online predictions of views 1 and 2; z1, z2 the target projections (BYOL:
+    target network; SimSiam: the online projections). The z's are wrapped in stop_gradient here
+    (for BYOL too), so no gradient reaches them whatever the caller did.
+
+    Returns a float32 (or float64 for float64 inputs) scalar.
+    """
+    if kind not in LOSSES:
+        raise ValueError(
+            f"symmetric_loss: unknown kind={kind!r}; allowed: {', '.join(sorted(LOSSES))}.")
+    fn, weight = LOSSES[kind], DIRECTION_WEIGHTS[kind]
+    z1, z2 = ops.stop_gradient(z1), ops.stop_gradient(z2)
+    return weight * (ops.mean(fn(p1, z2, epsilon)) + ops.mean(fn(p2, z1, epsilon)))

@@ -1,0 +1,149 @@
+"""experiments/run.py end to end on digits: stages, report, export, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "experiments", "run.py")
+TINY = ["--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--dataset=digits",
+        "--image_size=16", "--channels=1", "--width_multiplier=0.25", "--projector_hidden=64",
+        "--projection_dim=16", "--predictor_hidden=32", "--batch_size=32", "--epochs=2",
+        "--steps_per_epoch=6", "--knn_monitor_bank=300", "--knn_monitor_queries=100", "--knn_k=20",
+        "--few_label_draws=2", "--verbose=0"]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+
+def run(workdir, *extra, check=True, timeout=600):
+    result = subprocess.run([sys.executable, RUN, *TINY, f"--workdir={workdir}", *extra], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def embeddings(workdir, x):
+    serve = tf.saved_model.load(os.path.join(workdir, "encoder")).signatures["serve"]
+    return serve(images=tf.constant(x))["embeddings"].numpy()
+
+
+@pytest.mark.slow
+def test_all_stages_write_report_and_encoder(tmp_path):
+    workdir = tmp_path / "run"
+    run(workdir)
+    report = json.loads((workdir / "report.json").read_text())
+    for key in ("linear_probe_top1", "knn_top1", "few_label_top1_mean", "epochs", "train_seconds",
+                "images_per_sec", "flags", "baselines", "protocol"):
+        assert report[key] is not None, key
+    assert {"random_init", "raw_pixels"} <= set(report["baselines"])
+    assert 0.1 < report["linear_probe_top1"] <= 1.0 and report["epochs"] == 2
+    assert len(report["history"]) == 2 and "knn_top1" in report["history"][0]
+    assert report["flags"]["dataset"] == "digits"
+    markdown = (workdir / "report.md").read_text()
+    assert "random init" in markdown and "plots/spectrum.png" in markdown
+    assert (workdir / "plots" / "spectrum.png").stat().st_size > 1000
+    x = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
+    assert embeddings(workdir, x).shape == (3, report["trained"]["feature_dim"])
+    assert any(name.startswith("events") for name in os.listdir(workdir / "logs" / "train"))
+    # The same command again: already complete, stages rerun from the checkpoint.
+    again = run(workdir, "--mode=report")
+    assert "Report:" in again.stdout
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    flags = ["--mode=pretrain", "--epochs=2", "--steps_per_epoch=8", "--checkpoint_every_steps=2",
+             "--knn_monitor_every=0"]
+    reference = tmp_path / "reference"
+    run(reference, *flags)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, RUN, *TINY, f"--workdir={interrupted}", *flags], cwd=ROOT,
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        state = interrupted / "checkpoints" / "checkpoint"
+        while time.time() < deadline:  # wait for a mid-epoch checkpoint of epoch 1, then kill -9
+            if state.exists() and "ckpt-" in state.read_text():
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / "pretrain.json").exists()
+    resumed = run(interrupted, *flags)
+    assert "Resuming" in resumed.stdout
+    for workdir in (reference, interrupted):
+        run(workdir, *flags, "--mode=export")
+    x = np.random.default_rng(1).normal(size=(8, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(embeddings(interrupted, x), embeddings(reference, x), rtol=1e-4, atol=1e-5)
+    a = json.loads((reference / "pretrain.json").read_text())["history"][-1]
+    b = json.loads((interrupted / "pretrain.json").read_text())["history"][-1]
+    assert a["epoch"] == b["epoch"] == 2
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
+    workdir = tmp_path / "run"
+    flags = ["--mode=pretrain", "--epochs=1", "--steps_per_epoch=4", "--checkpoint_every_steps=2",
+             "--knn_monitor_every=0"]
+    run(workdir, *flags)
+    checkpoints = workdir / "checkpoints"
+    newest = max((p for p in checkpoints.iterdir() if p.name.endswith(".index")),
+                 key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+    for data in checkpoints.glob(newest.name.replace(".index", ".data-*")):
+        data.write_bytes(data.read_bytes()[:10])  # truncated, as a killed write might leave it
+    result = run(workdir, *flags)
+    assert "could not be restored" in result.stderr and "falling back" in result.stderr
+    # With every checkpoint corrupt, it refuses to restart from scratch.
+    for data in checkpoints.glob("*.data-*"):
+        data.write_bytes(b"garbage")
+    result = run(workdir, *flags, check=False)
+    assert result.returncode != 0 and "Refusing to start from scratch" in result.stderr
+
+
+def test_workdir_of_another_configuration_is_refused_untouched(tmp_path):
+    workdir = tmp_path / "run"
+    run(workdir, "--mode=pretrain", "--epochs=1", "--steps_per_epoch=2", "--knn_monitor_every=0")
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    result = run(workdir, "--mode=pretrain", "--epochs=1", "--steps_per_epoch=2", "--eps=0.3", check=False)
+    assert result.returncode != 0
+    assert "different configuration" in result.stderr and "--eps: workdir has 0.1, this run asks 0.3" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--freq=0", "--freq=0: must be an integer >= 1"),
+    ("--rho=1.5", "--rho=1.5: must be in [0, 1)"),
+    ("--rho=fast", "--rho='fast': give a number in [0, 1) or 'none'"),
+    ("--predictor=direct", "value should be one of"),
+    ("--dataset=cifar10", "cifar10"),
+])
+def test_bad_flags_fail_before_training(tmp_path, flag, message):
+    started = time.time()
+    result = run(tmp_path / "run", flag, "--data_dir=" + str(tmp_path / "no_data"), check=False, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert time.time() - started < 60
+
+
+def test_batch_not_divisible_by_replicas_fails_clearly(tmp_path):
+    result = run(tmp_path / "run", "--strategy=cpu:2", "--batch_size=33", check=False, timeout=120)
+    assert result.returncode != 0
+    assert "--batch_size=33" in result.stderr and "2 replicas" in result.stderr
+
+
+def test_short_flagfile_form_resolves_from_repository_root(tmp_path):
+    # `--flagfile=stl10.flags` from the repository root; STL-10 is absent, so it fails fast
+    # with the dataset message, which shows the flagfile itself was found and parsed.
+    result = subprocess.run([sys.executable, RUN, "--flagfile=stl10.flags", f"--workdir={tmp_path / 'w'}",
+                             f"--data_dir={tmp_path / 'tfds'}"], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "stl10" in result.stderr and "manual" in result.stderr
+    assert "flagfile" not in result.stderr.lower() or "No such file" not in result.stderr
