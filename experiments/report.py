@@ -51,6 +51,8 @@ def plot_spectrum(spectrum, path):
             ax.plot(values, color=colour, label=f"epoch {record['epoch']}")
         ax.set_title(title)
         ax.set_xlabel("eigen-index j (F's eigenvalues, descending)")
+        if key == "alignment":  # 1 = W_p maps u_j onto itself ([DP] Thm 3); no offset axis
+            ax.set_ylim(-1.05, 1.05)
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
