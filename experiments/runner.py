@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import runner_flags
-from keras_ncssl import (augment, data, encoders, evaluation, export, heads, models, optimizers,
+from keras_ncssl import (augment, data, distribute, encoders, evaluation, export, heads, models, optimizers,
                          predictors, schedules)
 from keras_ncssl.callbacks import SpectrumMonitor
 from keras_ncssl.checkpoint import TrainingCheckpoint, write_json_atomic
@@ -74,16 +74,12 @@ def load_data(config):
 
 
 def get_strategy(config):
-    if config["strategy"] == "default":
-        return tf.distribute.get_strategy()
-    from keras_ncssl import distribute
     return distribute.get_strategy(config["strategy"], tpu_address=config["tpu_address"])
 
 
 def _synchronized_bn(config, strategy):
-    if config["synchronized_bn"] == "auto":
-        return strategy.num_replicas_in_sync > 1
-    return config["synchronized_bn"] == "true"
+    setting = {"auto": "auto", "true": True, "false": False}[config["synchronized_bn"]]
+    return distribute.use_synchronized_bn(strategy, setting)
 
 
 def input_shape(config):
@@ -207,7 +203,9 @@ def pretrain(config, strategy, splits):
         keras.config.set_dtype_policy(config["mixed_precision"])
     with strategy.scope():
         model = build_model(config, total, steps, strategy)
-    checkpoint = TrainingCheckpoint(_path(config, "checkpoints"), model, config["keep_checkpoints"])
+    # Every worker saves (the save is collective); only the chief writes the real directory.
+    checkpoint = TrainingCheckpoint(distribute.worker_path(_path(config, "checkpoints"), strategy), model,
+                                    config["keep_checkpoints"])
     state = checkpoint.restore()
     start_epoch, start_step, records = (0, 0, {"history": [], "spectrum": [], "train_seconds": 0.0,
                                                 "images_trained": 0}) if state is None else state
@@ -251,6 +249,8 @@ def pretrain(config, strategy, splits):
                            if k in logs)
         print(f"epoch {epoch + 1}/{config['epochs']}: {summary} ({seconds:.0f}s, "
               f"{logs['images_per_sec']:.0f} img/s)", flush=True)
+    if not distribute.is_chief(strategy):
+        return model
     write_json_atomic(_path(config, "pretrain.json"), {
         "epochs": config["epochs"], "steps_per_epoch": steps, "history": records["history"],
         "spectrum": monitor.records, "train_seconds": records["train_seconds"],

@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from keras_ncssl import losses as losses_lib
+from keras_ncssl.distribute import check_fit_length, step_logs
 from keras_ncssl.predictors.layer import DirectPredictor
 from keras_ncssl.schedules import EMA_SCHEDULES, ema_tau
 
@@ -45,7 +46,14 @@ def projection_std(z):
     ([BYOL]/[SimSiam]'s collapse monitor).
     """
     z = losses_lib.l2_normalize(z)
-    return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
+    # Several replicas: the std over the global batch from all-reduced moments, so that the
+    # monitor does not depend on how the batch is split (equal per-replica batches).
+    moments = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                 [tf.reduce_mean(z, axis=0), tf.reduce_mean(tf.square(z), axis=0)])
+    return tf.reduce_mean(tf.sqrt(tf.maximum(moments[1] - tf.square(moments[0]), 0.0)))
 
 
 class _NonContrastive(keras.Model):
@@ -91,6 +99,10 @@ class _NonContrastive(keras.Model):
             initializer=keras.initializers.Constant(total_steps or 0))
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.std_tracker = keras.metrics.Mean(name="projection_std")
+        # Every sub-network is built above, so the model is too: save_weights / load_weights
+        # work before any call, and no symbolic build is needed under a strategy (see
+        # _maybe_symbolic_build).
+        self.built = True
 
     def _check_predictor(self, projection_dim):
         """Fail now, not deep inside fit, unless the predictor maps d -> d (d = projection dim)."""
@@ -174,15 +186,15 @@ class _NonContrastive(keras.Model):
             self.update_target(tau)
         self.loss_tracker.update_state(loss)
         self.std_tracker.update_state(projection_std(z1))
-        return {"loss": self.loss_tracker.result(), "projection_std": self.std_tracker.result(),
-                "tau": tau, "learning_rate": tf.cast(self.optimizer.learning_rate, tf.float32)}
+        return step_logs({"loss": self.loss_tracker.result(), "projection_std": self.std_tracker.result(),
+                          "tau": tau, "learning_rate": tf.cast(self.optimizer.learning_rate, tf.float32)})
 
     def test_step(self, data):
         x1, x2 = self._views(data)
         loss, (z1, _, _, _) = self.compute_symmetric_loss(x1, x2, training=False)
         self.loss_tracker.update_state(loss)
         self.std_tracker.update_state(projection_std(z1))
-        return {"loss": self.loss_tracker.result(), "projection_std": self.std_tracker.result()}
+        return step_logs({"loss": self.loss_tracker.result(), "projection_std": self.std_tracker.result()})
 
     @property
     def metrics(self):
@@ -210,6 +222,7 @@ class _NonContrastive(keras.Model):
 
     def fit(self, x=None, y=None, epochs=1, steps_per_epoch=None, **kwargs):
         """``keras.Model.fit``; also sets ``total_steps`` for the cosine EMA schedule if unset."""
+        check_fit_length(x, steps_per_epoch, self.distribute_strategy)  # see distribute.py
         if self.ema and self.tau_schedule == "cosine" and int(self.total_steps.numpy()) == 0:
             steps = steps_per_epoch
             if steps is None and isinstance(x, tf.data.Dataset):
@@ -221,6 +234,23 @@ class _NonContrastive(keras.Model):
                     "steps_per_epoch to fit, or a dataset of known cardinality.")
             self.total_steps.assign(int(steps) * (int(epochs) - int(kwargs.get("initial_epoch", 0))))
         return super().fit(x, y, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Build what ``__init__`` left unbuilt (the optimizer) under the model's strategy.
+
+        Keras 3 (checked on 3.15) builds a model made under a strategy from its first batch,
+        which it first averages with ``strategy.reduce``; MultiWorkerMirroredStrategy cannot
+        reduce a nest such as the (view1, view2) pair and fails. Every layer here is built in
+        ``__init__``, so only the optimizer remains: it is built in the strategy's scope (its
+        slots mirrored like the weights) on the online variables, as ``apply_gradients``
+        builds it without a strategy, so checkpoints have the same layout either way.
+        """
+        strategy = getattr(self, "_distribute_strategy", None)
+        if strategy is None:  # no strategy: Keras builds lazily, as it always did
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        with strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.online_variables)
 
     # -- serialisation ----------------------------------------------------------------------
 

@@ -41,7 +41,10 @@ class DirectPredictor(keras.layers.Layer):
     statistics are all-reduced (mean over equal per-replica batches = the global-batch mean)
     before use, so every replica folds the same matrix and computes the same kernel; state
     variables use ``aggregation="only_first_replica"`` so they may be assigned in replica
-    context. ``all_reduce`` overrides the reduction (a callable on a list of tensors).
+    context (replica 0's value is broadcast, so the copies are identical by construction).
+    Such an assignment is a merge_call, which TensorFlow forbids inside ``tf.cond``: every
+    assignment here is unconditional, a skipped update writing back the old value.
+    ``all_reduce`` overrides the reduction (a callable on a list of tensors).
 
     Args:
         rule: a name in ``RULES`` ("directpred", "directcopy", "lrp", "neumann", "visser",
