@@ -5,13 +5,15 @@
     python experiments/bench.py input --dataset=synthetic96 --preset=stl10 --steps=20
 
 `--dataset=synthetic96` is an STL-10-sized stand-in (96x96x3 random smooth images, preset
-`stl10`, which blurs every view). Prints one JSON line: `images_per_sec` counts two-view
-*pairs* (what one train-step example consumes), `view_images_per_sec` counts single views.
+`stl10`, which blurs every view). Prints one JSON line: `images_per_sec` (median over
+`--repeats` runs) counts two-view *pairs* (what one train-step example consumes),
+`view_images_per_sec` single views; `load_avg_1min` says how busy the machine was.
 The goal (issue 4) is >= 5x what the train step consumes in the same configuration.
 """
 import argparse
 import json
 import os
+import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,6 +35,9 @@ def _parse(argv):
     p.add_argument("--channels", type=int, default=None, help="default: native channels")
     p.add_argument("--steps", type=int, default=50, help="timed batches")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of --steps batches; the median is reported")
+    p.add_argument("--no_jit", action="store_true", help="augment without XLA")
     p.add_argument("--num_examples", type=int, default=4096, help="synthetic set size")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -57,23 +62,29 @@ def main(argv):
 
     ds = augment.pretrain_dataset(splits, preset, batch_size=args.batch_size,
                                   image_size=image_size, channels=channels, seed=args.seed,
-                                  repeat=True)
+                                  repeat=True, jit_compile=not args.no_jit)
     it = iter(ds)
-    for _ in range(args.warmup):
-        next(it)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        v1, v2 = next(it)
-    seconds = time.perf_counter() - start
-    pairs = args.steps * args.batch_size
+    for _ in range(args.warmup):  # includes tracing and the XLA compilation
+        v1, _ = next(it)
+    warmup_seconds = time.perf_counter() - start
+    rates = []
+    for _ in range(max(1, args.repeats)):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            v1, _ = next(it)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    median = statistics.median(rates)
     print(json.dumps({
         "benchmark": "input", "dataset": args.dataset, "preset": preset,
         "batch_size": args.batch_size, "image_size": image_size, "channels": channels,
-        "view_shape": [int(d) for d in v1.shape], "steps": args.steps,
-        "seconds": round(seconds, 3), "batches_per_sec": round(args.steps / seconds, 2),
-        "images_per_sec": round(pairs / seconds, 1),
-        "view_images_per_sec": round(2 * pairs / seconds, 1),
-        "cpu_count": os.cpu_count(), "tf_version": tf.__version__,
+        "jit_compile": not args.no_jit, "view_shape": [int(d) for d in v1.shape],
+        "steps": args.steps, "repeats": len(rates),
+        "images_per_sec": round(median, 1), "view_images_per_sec": round(2 * median, 1),
+        "images_per_sec_runs": [round(r, 1) for r in rates],
+        "warmup_seconds": round(warmup_seconds, 2),
+        "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+        "tf_version": tf.__version__,
     }), flush=True)
 
 
