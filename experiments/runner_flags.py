@@ -85,10 +85,12 @@ flags.DEFINE_integer("probe_train_limit", 0, "Cap the probe's training split (0 
 flags.DEFINE_bool("eval_baselines", True, "Also evaluate a random-init encoder and raw pixels.")
 
 
+NAMES = [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]
+
+
 def resolved(values):
     """A plain dict of every flag of this module, validated; raises ValueError naming the fix."""
-    names = [f.name for f in values.get_key_flags_for_module(__name__)]
-    config = {name: values[name].value for name in names}
+    config = {name: values[name].value for name in NAMES}
     rho = str(config["rho"]).lower()
     if rho == "none":
         config["rho"] = None
