@@ -214,7 +214,9 @@ def pretrain(config, strategy, splits):
     if start_epoch >= config["epochs"]:
         print(f"Pretraining already complete ({config['epochs']} epochs).")
         return model
-    monitor = SpectrumMonitor(collapse_std=0.1 / np.sqrt(config["projection_dim"]))
+    # Trainable predictors keep no correlation: the monitor then measures F on these images.
+    probe = eval_arrays(config, splits, "validation", 512)[0] if splits.num_classes else None
+    monitor = SpectrumMonitor(probe_images=probe, collapse_std=0.1 / np.sqrt(config["projection_dim"]))
     monitor.records = list(records["spectrum"])
     callbacks = [monitor]
     if config["knn_monitor_every"] and splits.num_classes:

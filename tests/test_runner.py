@@ -175,3 +175,13 @@ def test_short_flagfile_form_resolves_from_repository_root(tmp_path):
     assert result.returncode != 0
     assert "stl10" in result.stderr and "manual" in result.stderr
     assert "flagfile" not in result.stderr.lower() or "No such file" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_replica_run_end_to_end_and_exports(tmp_path):
+    workdir = tmp_path / "run"
+    run(workdir, "--strategy=cpu:2", "--epochs=1", "--steps_per_epoch=3", "--eval_baselines=false")
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["flags"]["strategy"] == "cpu:2" and report["linear_probe_top1"] > 0.1
+    x = np.random.default_rng(2).normal(size=(2, 16, 16, 1)).astype(np.float32)
+    assert np.all(np.isfinite(embeddings(workdir, x)))

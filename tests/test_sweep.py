@@ -1,0 +1,190 @@
+"""experiments/sweep.py: a tiny study end to end, resuming, dry run, failures, aggregation maths, claims."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+SWEEP = os.path.join(EXPERIMENTS, "sweep.py")
+sys.path.insert(0, EXPERIMENTS)
+import sweep  # noqa: E402  (defines its absl flags once; nothing else in the tests defines these names)
+
+# The smallest budget that still runs every stage (tests/test_runner.py's TINY, one short epoch).
+TINY = ["--dataset=digits", "--image_size=16", "--channels=1", "--width_multiplier=0.25", "--projector_hidden=64",
+        "--projection_dim=16", "--predictor_hidden=32", "--batch_size=32", "--epochs=1", "--steps_per_epoch=3",
+        "--knn_monitor_every=0", "--few_label_draws=2", "--knn_k=20", "--verbose=0"]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def run_sweep(*args, timeout=600):
+    return subprocess.run([sys.executable, SWEEP, "--base_flagfile=experiments/quick.flags", *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def table_row(markdown, name):
+    """The cells of the results.md table row of ``name``."""
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, (name, markdown)
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_aggregates_and_skips_finished_runs(tmp_path):
+    root = tmp_path / "sweep"
+    # Two --extra forms: one value holding several flags, and a repeated flag.
+    extra = [f"--extra={' '.join(TINY[:-1])}", f"--extra={TINY[-1]}"]
+    first = run_sweep("--study=tiny", f"--root={root}", "--seeds=0", *extra)
+    assert first.returncode == 0, first.stdout + first.stderr
+    reports = [root / name / "seed0" / "report.json" for name in ("directpred", "sgd_linear")]
+    assert all(path.exists() for path in reports)
+    assert "--dataset=digits" in (root / "directpred" / "seed0" / "run.log").read_text()
+    markdown = (root / "results.md").read_text()
+    for name in ("directpred", "sgd_linear"):
+        row = table_row(markdown, name)
+        assert row[1] == "1" and row[2].endswith("± n/a"), row  # one seed: no std
+    # Only `directpred` evaluates the baselines; the random-init row comes from it.
+    assert table_row(markdown, "random init (untrained encoder)")[1] == "1"
+    results = json.loads((root / "results.json").read_text())
+    assert results["baselines"]["random_init"]["from"] == {"0": "directpred"}
+    assert results["claims"][0]["verdict"] == sweep.FEW_SEEDS
+    assert results["budget"]["dataset"] == "digits" and not results["failures"]
+
+    # The same command again: nothing reruns, the reports are untouched, results are rewritten.
+    mtimes = [path.stat().st_mtime_ns for path in reports]
+    log_size = (root / "directpred" / "seed0" / "run.log").stat().st_size
+    again = run_sweep("--study=tiny", f"--root={root}", "--seeds=0", *extra, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("skipped (report.json exists)") == 2, again.stdout
+    assert [path.stat().st_mtime_ns for path in reports] == mtimes
+    assert (root / "directpred" / "seed0" / "run.log").stat().st_size == log_size
+    assert "skipped" in (root / "sweep.log").read_text()
+
+    # A different budget on the same root is refused (run.py would refuse it too), not mixed in.
+    changed = run_sweep("--study=tiny", f"--root={root}", "--seeds=0", *extra, "--extra=--epochs=2",
+                        "--only=sgd_linear", timeout=120)
+    assert changed.returncode == 1 and "--epochs: this command gives '2', the workdir has 1" in changed.stdout
+    assert [path.stat().st_mtime_ns for path in reports] == mtimes
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
+    root = tmp_path / "sweep"
+    result = run_sweep("--study=paper_claims", f"--root={root}", "--seeds=0,1", "--only=directpred,no_predictor",
+                       "--extra=--epochs=2", "--dry_run", timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "run.py" in line]
+    assert len(lines) == 4  # 2 configurations x 2 seeds
+    assert "--predictor=none" in lines[1] and "--seed=1" in lines[3] and all("--epochs=2" in line for line in lines)
+    assert f"--workdir={root}/no_predictor/seed1" in lines[3]
+    assert not root.exists()
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    study = tmp_path / "broken.json"  # run.py rejects the flag value before it imports TensorFlow
+    study.write_text(json.dumps({"configs": [{"name": "bad_a", "flags": ["--predictor=bogus"]},
+                                             {"name": "bad_b", "flags": ["--method=bogus"]}]}))
+    root = tmp_path / "sweep"
+    result = run_sweep(f"--study={study}", f"--root={root}", "--seeds=0", timeout=120)
+    assert result.returncode == 1 and result.stdout.count("FAILED (exit code") == 2, result.stdout
+    status = json.loads((root / "sweep_status.json").read_text())
+    assert status["bad_b/seed0"]["status"] == "failed" and status["bad_b/seed0"]["returncode"] != 0
+    assert any("bogus" in line for line in status["bad_a/seed0"]["log_tail"])
+    markdown = (root / "results.md").read_text()
+    assert "## Failed or refused runs" in markdown and "`bad_b/seed0`: exit code" in markdown
+
+
+def _report(lp, few, knn, std, rank, seconds, d=64, epochs=4, random_init=None):
+    report = {"linear_probe_top1": lp, "few_label_top1_mean": few, "knn_top1": knn, "final_projection_std": std,
+              "final_effective_rank": rank, "train_seconds": seconds, "baselines": {},
+              "flags": {"projection_dim": d, "epochs": epochs, "dataset": "fashion_mnist"}}
+    if random_init is not None:
+        report["baselines"]["random_init"] = {"linear_probe_top1": random_init, "few_label_top1_mean": 0.5,
+                                              "knn_top1": 0.6}
+    return report
+
+
+def _write(root, config, seed, report):
+    directory = root / config / f"seed{seed}"
+    directory.mkdir(parents=True)
+    (directory / "report.json").write_text(json.dumps(report))
+
+
+def test_aggregation_matches_numpy_and_checks_claims(tmp_path):
+    root = tmp_path / "sweep"
+    study = sweep.load_study("paper_claims")
+    directpred = {"lp": [0.80, 0.81, 0.82], "few": [0.60, None, 0.64], "knn": [0.70, 0.72, 0.71]}
+    for seed in range(3):
+        # Baselines in seeds 0 and 1 from `directpred`, seed 2 from `sgd_linear` ("whichever has it").
+        _write(root, "directpred", seed, _report(directpred["lp"][seed], directpred["few"][seed],
+                                                 directpred["knn"][seed], 0.11, 20.0 + seed, 100.0 + seed,
+                                                 random_init=[0.50, 0.52, None][seed]))
+        _write(root, "sgd_linear", seed, _report(0.75 + 0.005 * seed, 0.55, 0.65, 0.1, None, 90.0,
+                                                 random_init=[0.99, 0.99, 0.54][seed]))  # seeds 0, 1 already had one
+        _write(root, "no_predictor", seed, _report(0.70, 0.5, 0.6, 0.001 * (seed + 1), 1.0, 80.0))
+        _write(root, "symmetric_no_ema", seed, _report(0.78 + 0.002 * seed, 0.5, 0.6, 0.1, 3.0, 80.0))
+        _write(root, "directpred_eps0", seed, _report([0.80, 0.815, 0.805][seed], 0.6, 0.7, 0.1, 20.0, 100.0))
+    _write(root, "directcopy", 0, _report(0.79, 0.6, 0.7, 0.1, 18.0, 100.0))  # one seed only
+    (root / "mlp_predictor" / "seed0").mkdir(parents=True)  # an unfinished run: no report.json
+
+    results = sweep.aggregate(study, str(root))
+    dp = results["configs"]["directpred"]
+    assert dp["n"] == 3 and dp["seeds"] == [0, 1, 2]
+    lp = dp["metrics"]["linear_probe_top1"]
+    assert math.isclose(lp["mean"], np.mean(directpred["lp"]))
+    assert math.isclose(lp["std"], np.std(directpred["lp"], ddof=1))
+    few = dp["metrics"]["few_label_top1_mean"]
+    assert few["n"] == 2 and math.isclose(few["std"], np.std([0.60, 0.64], ddof=1))
+    assert results["configs"]["sgd_linear"]["metrics"]["final_effective_rank"]["n"] == 0
+    directcopy = results["configs"]["directcopy"]
+    assert directcopy["n"] == 1 and directcopy["metrics"]["knn_top1"]["std"] is None
+    assert "mlp_predictor" in results["not_run"] and "mlp_predictor" not in results["configs"]
+    random_init = results["baselines"]["random_init"]
+    assert random_init["from"] == {0: "directpred", 1: "directpred", 2: "sgd_linear"}
+    assert math.isclose(random_init["metrics"]["linear_probe_top1"]["mean"], np.mean([0.50, 0.52, 0.54]))
+
+    verdicts = {(c.get("a"), c.get("b"), c.get("config")): c for c in results["claims"]}
+    assert verdicts[("directpred", "sgd_linear", None)]["verdict"] == sweep.HELD  # +5.5 points, std 0.01
+    no_predictor = verdicts[(None, None, "no_predictor")]
+    assert no_predictor["verdict"] == sweep.HELD and "3/3 seeds below" in no_predictor["detail"]
+    assert math.isclose(no_predictor["threshold"], 0.1 / 8)
+    # Healthy std (0.1 > 0.0125) and a probe 26 points above random init: no collapse.
+    assert verdicts[(None, None, "symmetric_no_ema")]["verdict"] == sweep.NOT_HELD
+    eps = verdicts[("directpred", "directpred_eps0", None)]
+    eps0 = results["configs"]["directpred_eps0"]["metrics"]["linear_probe_top1"]
+    assert abs(lp["mean"] - eps0["mean"]) <= max(lp["std"], eps0["std"])  # +0.33 points, std 1.0
+    assert eps["verdict"] == sweep.WITHIN_STD and math.isclose(eps["difference"], lp["mean"] - eps0["mean"])
+
+    markdown = (root / "results.md").read_text()
+    row = table_row(markdown, "directpred")
+    assert row[1] == "3" and row[2] == f"{100 * lp['mean']:.2f} ± {100 * lp['std']:.2f}"
+    assert row[3].endswith("(n=2)")  # few-label missing in one seed
+    assert table_row(markdown, "directcopy")[1] == "1"
+    assert table_row(markdown, "random init (untrained encoder)")[1] == "3"
+    assert f"**{sweep.WITHIN_STD}**: DirectPred eps=0.1 >= eps=0" in markdown
+    assert json.loads((root / "results.json").read_text())["configs"]["directpred"]["n"] == 3
+
+
+def test_collapse_claim_from_the_probe_and_mixed_budgets(tmp_path):
+    study = {"name": "s", "description": "", "configs": [{"name": n, "flags": [], "description": ""}
+                                                          for n in ("a", "b")],
+             "claims": [{"kind": "collapse", "config": "b", "text": "b collapses"}]}
+    root = tmp_path / "sweep"
+    for seed in range(2):
+        _write(root, "a", seed, _report(0.8, 0.6, 0.7, 0.1, 10.0, 1.0, random_init=0.50 + 0.01 * seed))
+        # Healthy std but a probe below random init: collapsed in the sense of the claim.
+        _write(root, "b", seed, _report(0.49, 0.4, 0.4, 0.1, 10.0, 1.0, epochs=4 + seed))
+    results = sweep.aggregate(study, str(root))
+    assert results["claims"][0]["verdict"] == sweep.HELD and "difference -1.50 points" in results["claims"][0]["detail"]
+    assert results["budget"] is None and any("differ in budget" in w for w in results["warnings"])
+
+
+def test_flag_mismatches_compare_typed_values():
+    training = {"rho": None, "eps": 0.1, "ema": True, "predictor": "directpred", "epochs": 4}
+    args = ["--rho=none", "--eps=0.10", "--ema=true", "--predictor=directpred", "--epochs=4", "--verbose=2"]
+    assert sweep.flag_mismatches(args, training) == []
+    bad = sweep.flag_mismatches(args + ["--noema", "--eps=0", "--epochs=5"], training)
+    assert [line.split(":")[0] for line in bad] == ["--ema", "--epochs", "--eps"]
