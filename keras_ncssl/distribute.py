@@ -93,7 +93,7 @@ def get_strategy(name="default", tpu_address=None):
     if key == "default":
         return tf.distribute.get_strategy()
     if key == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        return _mirrored(None)
     if key == "multi_worker":
         _check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -128,7 +128,24 @@ def _cpu_strategy(n, name):
             f"with {len(devices)}. Call get_strategy({name!r}) before TensorFlow initialises its "
             "devices (before any tensor, model or dataset is created), or configure the devices "
             "first with tf.config.set_logical_device_configuration.")
-    return tf.distribute.MirroredStrategy([device.name for device in devices[:n]])
+    return _mirrored(tuple(device.name for device in devices[:n]))
+
+
+# One MirroredStrategy per device set and process. Every MirroredStrategy numbers its collectives
+# from the same keys (group 1, instances from 100), and TensorFlow caches a collective's shape by
+# those keys for the life of the process: a second strategy over the same devices reuses the keys
+# and fails with "Shape mismatch in the collective instance 100" (tensorflow#62790), e.g. when a
+# sweep or a test suite trains several models in one process. Reusing the strategy keeps the keys
+# unique; a strategy holds no per-model state, so sharing it is safe.
+_MIRRORED = {}
+
+
+def _mirrored(devices):
+    """The process-wide MirroredStrategy over ``devices`` (None: all local GPUs, else CPUs)."""
+    if devices not in _MIRRORED:
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(
+            list(devices) if devices is not None else None)
+    return _MIRRORED[devices]
 
 
 def _check_tf_config():

@@ -131,6 +131,26 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, match):
         distribute.get_strategy("multi_worker")
 
 
+@needs_two_cpus
+def test_strategies_over_the_same_devices_share_collective_keys():
+    """Two models trained one after the other in one process (a sweep, a test suite) must not
+    reuse collective instance keys: separate MirroredStrategy objects over the same devices do,
+    and the second all-reduce of another shape then fails with "Shape mismatch in the
+    collective instance 100"."""
+    first = distribute.get_strategy("cpu:2")
+    assert distribute.get_strategy(" cpu:2 ") is first
+
+    def all_reduce(strategy, size):
+        @tf.function
+        def step():
+            return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
+                "sum", tf.ones([size])))
+        return strategy.experimental_local_results(step())[0].numpy()
+
+    np.testing.assert_array_equal(all_reduce(first, 3), np.full(3, 2.0))
+    np.testing.assert_array_equal(all_reduce(distribute.get_strategy("cpu:2"), 5), np.full(5, 2.0))
+
+
 # -- global batch and BatchNorm ----------------------------------------------------------------
 
 @needs_two_cpus

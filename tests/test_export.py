@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ncssl import export
+from keras_ncssl import distribute, export
 
 SHAPE = (8, 8, 2)
 
@@ -61,7 +61,7 @@ def test_fresh_process_loads_with_tensorflow_only(rng, tmp_path):
     model(images)
     encoders["model"] = model
     if len(tf.config.list_logical_devices("CPU")) >= 2:
-        with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        with distribute.get_strategy("cpu:2").scope():
             encoders["mirrored"] = _bn_encoder(rng, name="mirrored")
     expected = {}
     for name, obj in encoders.items():
