@@ -11,6 +11,16 @@ from keras_ncssl.predictors.rules import get_rule
 _STATE_DTYPE = "float32"  # statistics never live in float16, whatever the layer's policy
 
 
+def _in_xla_context():
+    """True while tracing a function compiled with XLA (``jit_compile=True``)."""
+    try:  # private but stable since TF 1.x; without it we assume no XLA and keep tf.print
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
 @keras.saving.register_keras_serializable(package="keras_ncssl")
 class DirectPredictor(keras.layers.Layer):
     r"""Linear predictor ``y = x @ kernel`` whose kernel is set from a running correlation.
@@ -248,6 +258,11 @@ class DirectPredictor(keras.layers.Layer):
         if tf.executing_eagerly():
             if bool(skipped):
                 warnings.warn(text, RuntimeWarning, stacklevel=3)
+            return
+
+        if _in_xla_context():
+            # PrintV2 has no XLA kernel (jit_compile=True fails to compile): count only;
+            # callbacks.SpectrumMonitor reads `num_skipped` and warns at the epoch's end.
             return
 
         def warn():  # inside a compiled train_step a Python warning would fire at trace time only
