@@ -93,6 +93,7 @@ def write(config):
         "epochs": pretrain.get("epochs"),
         "train_seconds": pretrain.get("train_seconds"),
         "images_per_sec": pretrain.get("images_per_sec"),
+        "knn_monitor_at_init": pretrain.get("knn_top1_at_init"),
         "final_projection_std": history[-1].get("projection_std") if history else None,
         "final_effective_rank": spectrum[-1].get("effective_rank") if spectrum else None,
         "history": history,
@@ -120,6 +121,9 @@ def write(config):
     if pretrain:
         lines += ["## Training", "", f"Train time {pretrain['train_seconds']:.0f} s, "
                   f"{pretrain['images_per_sec']:.1f} images/s (a sample = a pair of views).", ""]
+        if pretrain.get("knn_top1_at_init") is not None and history:
+            lines += [f"kNN monitor (online, on subsets): {pretrain['knn_top1_at_init']:.4f} before training, "
+                      f"{history[-1].get('knn_top1', float('nan')):.4f} after the last epoch.", ""]
     if history:
         plot_training(history, os.path.join(plots, "training.png"))
         lines += ["![training curves](plots/training.png)", ""]

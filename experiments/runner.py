@@ -53,7 +53,9 @@ def check_workdir(config):
     if os.path.exists(flags_path):
         saved = _read_json(flags_path)
         saved_training = saved.get("training", {})
-        diff = {k: (saved_training.get(k), v) for k, v in training.items() if saved_training.get(k) != v}
+        # A flag added after the workdir was made is taken at its default there.
+        diff = {k: (saved_training.get(k, runner_flags.default(k)), v) for k, v in training.items()
+                if saved_training.get(k, runner_flags.default(k)) != v}
         if diff:
             lines = "\n".join(f"  --{k}: workdir has {a!r}, this run asks {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ConfigMismatchError(
@@ -90,6 +92,8 @@ def build_encoder(config, synchronized_bn=False):
     options = dict(synchronized_bn=synchronized_bn, width_multiplier=config["width_multiplier"])
     if config["encoder"].startswith("resnet"):
         options["stem"] = config["stem"]
+    elif config["encoder"] == "small":
+        options["stem_stride"] = config["stem_stride"]
     return encoders.get_encoder(config["encoder"], input_shape(config), **options)
 
 
@@ -222,9 +226,14 @@ def pretrain(config, strategy, splits):
     if config["knn_monitor_every"] and splits.num_classes:
         bank = eval_arrays(config, splits, "train", config["knn_monitor_bank"])
         queries = eval_arrays(config, splits, "validation", config["knn_monitor_queries"])
-        callbacks.insert(0, evaluation.KNNMonitor(*bank, *queries, k=min(config["knn_k"], len(bank[1])),
-                                                  temperature=config["knn_temperature"],
-                                                  every_n_epochs=config["knn_monitor_every"]))
+        knn = evaluation.KNNMonitor(*bank, *queries, k=min(config["knn_k"], len(bank[1])),
+                                    temperature=config["knn_temperature"],
+                                    every_n_epochs=config["knn_monitor_every"])
+        callbacks.insert(0, knn)
+        if state is None:  # the untrained encoder's value: the curve's own baseline
+            knn.set_model(model)
+            records["knn_top1_at_init"] = float(knn.evaluate())
+            print(f"kNN monitor before training: {records['knn_top1_at_init']:.4f}", flush=True)
     callbacks += [keras.callbacks.TensorBoard(_path(config, "logs")),
                   keras.callbacks.CSVLogger(_path(config, "logs", "history.csv"), append=True)]
     os.makedirs(_path(config, "logs"), exist_ok=True)
@@ -255,7 +264,8 @@ def pretrain(config, strategy, splits):
         return model
     write_json_atomic(_path(config, "pretrain.json"), {
         "epochs": config["epochs"], "steps_per_epoch": steps, "history": records["history"],
-        "spectrum": monitor.records, "train_seconds": records["train_seconds"],
+        "spectrum": monitor.records, "knn_top1_at_init": records.get("knn_top1_at_init"),
+        "train_seconds": records["train_seconds"],
         "images_per_sec": records["images_trained"] / max(records["train_seconds"], 1e-9)})
     return model
 

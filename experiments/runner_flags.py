@@ -36,6 +36,7 @@ _training(flags.DEFINE_enum, "method", "byol", ["byol", "simsiam"], "BYOL (EMA t
 _training(flags.DEFINE_string, "encoder", "resnet18", "Encoder (keras_ncssl.encoders.ENCODERS).")
 _training(flags.DEFINE_enum, "stem", "cifar", ["cifar", "imagenet"], "ResNet stem.")
 _training(flags.DEFINE_float, "width_multiplier", 1.0, "Encoder width multiplier.")
+_training(flags.DEFINE_integer, "stem_stride", 2, "Stride of the small encoder's first conv (1 or 2).")
 _training(flags.DEFINE_integer, "projector_hidden", 512, "Projector hidden width.")
 _training(flags.DEFINE_integer, "projection_dim", 128, "Projection (predictor) dimension d.")
 _training(flags.DEFINE_bool, "projector_bn_affine", False, "Affine BN in the heads ([DP] code: off).")
@@ -110,9 +111,19 @@ def resolved(values):
         raise ValueError(f"--validation_fraction={config['validation_fraction']}: must be in (0, 1).")
     if config["synchronized_bn"] not in ("auto", "true", "false"):
         raise ValueError(f"--synchronized_bn={config['synchronized_bn']!r}: choose auto, true or false.")
+    if config["stem_stride"] not in (1, 2):
+        raise ValueError(f"--stem_stride={config['stem_stride']}: choose 1 or 2.")
+    if config["stem_stride"] != 2 and config["encoder"] != "small":
+        raise ValueError(f"--stem_stride={config['stem_stride']} applies to --encoder=small only "
+                         f"(got --encoder={config['encoder']}; ResNets take --stem=cifar|imagenet).")
     if not 0.0 <= config["tau_base"] <= 1.0:
         raise ValueError(f"--tau_base={config['tau_base']}: must be in [0, 1].")
     return config
+
+
+def default(name):
+    """The default of flag ``name`` (a workdir made before the flag existed used this value)."""
+    return flags.FLAGS[name].default
 
 
 def training_subset(config):

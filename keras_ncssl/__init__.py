@@ -9,8 +9,8 @@ correlation of their inputs: DirectPred (Tian, Chen & Ganguli, ICML 2021), Direc
     model = ncssl.BYOL(encoder, ncssl.heads.projector(512), ncssl.DirectPredictor())
 """
 from keras_ncssl import (augment, callbacks, checkpoint, data, diagnostics, distribute,  # noqa: F401
-                         encoders, evaluation, export, heads, losses, models, optimizers, predictors,
-                         schedules, theory)
+                         encoders, evaluation, export, heads, losses, models, normalization,
+                         optimizers, predictors, schedules, theory)
 from keras_ncssl.export import export_encoder, load_encoder
 from keras_ncssl.models import BYOL, SimSiam
 from keras_ncssl.predictors import RULES, DirectPredictor, LinearPredictor, get_predictor

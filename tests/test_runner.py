@@ -47,8 +47,12 @@ def test_all_stages_write_report_and_encoder(tmp_path):
     assert 0.1 < report["linear_probe_top1"] <= 1.0 and report["epochs"] == 2
     assert len(report["history"]) == 2 and "knn_top1" in report["history"][0]
     assert report["flags"]["dataset"] == "digits"
+    # The monitor's value before training is the untrained encoder's: the curve's own baseline.
+    assert 0.0 < report["knn_monitor_at_init"] <= 1.0
+    assert report["knn_monitor_at_init"] != report["history"][0]["knn_top1"]
     markdown = (workdir / "report.md").read_text()
     assert "random init" in markdown and "plots/spectrum.png" in markdown
+    assert "before training" in markdown
     assert (workdir / "plots" / "spectrum.png").stat().st_size > 1000
     x = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
     assert embeddings(workdir, x).shape == (3, report["trained"]["feature_dim"])
@@ -116,6 +120,14 @@ def test_workdir_of_another_configuration_is_refused_untouched(tmp_path):
     assert result.returncode != 0
     assert "different configuration" in result.stderr and "--eps: workdir has 0.1, this run asks 0.3" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    # A workdir made before a flag existed (here: no stem_stride in flags.json) means its default.
+    saved = json.loads((workdir / "flags.json").read_text())
+    del saved["training"]["stem_stride"]
+    (workdir / "flags.json").write_text(json.dumps(saved))
+    same = run(workdir, "--mode=pretrain", "--epochs=1", "--steps_per_epoch=2", "--knn_monitor_every=0")
+    assert "already complete" in same.stdout
+    other = run(workdir, "--mode=pretrain", "--epochs=1", "--steps_per_epoch=2", "--stem_stride=1", check=False)
+    assert other.returncode != 0 and "--stem_stride: workdir has 2, this run asks 1" in other.stderr
 
 
 def parse(*argv):
@@ -136,10 +148,21 @@ def parse(*argv):
     ("--rho=fast", "--rho='fast': give a number in [0, 1) or 'none'"),
     ("--batch_size=0", "--batch_size=0: must be >= 1"),
     ("--synchronized_bn=yes", "choose auto, true or false"),
+    ("--stem_stride=3", "--stem_stride=3: choose 1 or 2"),
+    ("--encoder=resnet18 --stem_stride=1", "applies to --encoder=small only"),
 ])
 def test_bad_flag_values_name_the_value_and_the_fix(flag, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), flag)
+        parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), *flag.split())
+
+
+def test_stem_stride_reaches_the_small_encoder():
+    import runner  # experiments/ is on sys.path after parse()
+    for stride in (1, 2):
+        config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), f"--stem_stride={stride}")
+        encoder = runner.build_encoder(config)
+        first_conv = next(layer for layer in encoder.layers if "conv" in type(layer).__name__.lower())
+        assert first_conv.strides == (stride, stride)
 
 
 def test_flag_values_resolve():
