@@ -12,7 +12,7 @@ Conventions (chosen to match the PyTorch code the papers used, [LM] and torchvis
 - Conv layers have no bias (BN follows) and are initialised kaiming-normal, fan_out, ReLU gain
   (torchvision's ResNet init): N(0, 2 / (k*k*out_channels)), untruncated.
 - BatchNorm uses PyTorch's defaults: momentum 0.9 in Keras terms (0.1 in torch) and
-  epsilon 1e-5; gamma = 1, beta = 0; the fused kernel in training mode (~10% of a ResNet-18
+  epsilon 1e-5; gamma = 1, beta = 0; the fused kernel in training mode (~13% of a ResNet-18
   step on CPU). `synchronized_bn=True` uses `synchronized=True` (the unfused path), i.e.
   batch statistics over all replicas (SimSiam 68.0 vs 65.1 without; PITFALLS.md).
 - ResNets follow torchvision: BasicBlock for 18/34, Bottleneck v1.5 (stride on the 3x3) for 50,

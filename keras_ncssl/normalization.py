@@ -4,7 +4,7 @@ Keras 3's `BatchNormalization` computes batch statistics with `tf.nn.moments` an
 with `tf.nn.batch_normalization`: about ten element-wise ops forward and as many backward,
 each a pass over the activation. TensorFlow's `FusedBatchNormV3` (oneDNN on CPU, cuDNN on GPU)
 does the statistics and the normalisation in one kernel and has a fused gradient; on the
-ResNet-18 train step of `experiments/bench.py` it saves about 10% of the step on 2 CPU cores
+ResNet-18 train step of `experiments/bench.py` it cuts the step by ~13% (+15% images/s) on 2 CPU cores
 (BUILD_NOTES.md, "Train-step benchmark").
 
 The math is the layer's own, unchanged (Ioffe & Szegedy 2015):
