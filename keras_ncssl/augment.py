@@ -111,11 +111,15 @@ _CIFAR10 = ViewConfig(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blu
 _GRAY = ViewConfig(crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.0,
                    hue=0.0, grayscale_prob=0.0, blur_prob=0.0)
 
+# The same with BYOL's/SimCLR's crop floor of 8%: a harder invariance task (tried for the quick run).
+_GRAY_STRONG = dataclasses.replace(_GRAY, crop_scale=(0.08, 1.0))
+
 PRESETS: Dict[str, Tuple[ViewConfig, ViewConfig]] = {
     "byol": (_BYOL1, _BYOL2),
     "stl10": (_STL10, _STL10),
     "cifar10": (_CIFAR10, _CIFAR10),
     "grayscale": (_GRAY, _GRAY),
+    "grayscale_strong": (_GRAY_STRONG, _GRAY_STRONG),
     "none": (ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
                         jitter_prob=0.0, grayscale_prob=0.0),) * 2,
 }

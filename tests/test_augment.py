@@ -1,4 +1,6 @@
 """Tests for keras_ncssl.augment: the two-view pipeline, its seeding, and each operation."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -51,6 +53,8 @@ def test_presets_follow_the_papers():
     assert cifar.blur_prob == 0.0
     gray = A.PRESETS["grayscale"][0]
     assert gray.saturation == gray.hue == gray.grayscale_prob == 0.0
+    strong = A.PRESETS["grayscale_strong"][0]
+    assert strong.crop_scale == (0.08, 1.0) and dataclasses.replace(strong, crop_scale=gray.crop_scale) == gray
     assert A.blur_kernel_size(96) == 9  # 10% of 96 px, odd, as the [LM] helper
 
 
