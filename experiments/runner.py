@@ -54,8 +54,8 @@ def check_workdir(config):
         saved = _read_json(flags_path)
         saved_training = saved.get("training", {})
         # A flag added after the workdir was made is taken at its default there.
-        diff = {k: (saved_training.get(k, runner_flags.default(k)), v) for k, v in training.items()
-                if saved_training.get(k, runner_flags.default(k)) != v}
+        saved_training = {k: saved_training.get(k, runner_flags.default(k)) for k in training}
+        diff = {k: (saved_training[k], v) for k, v in training.items() if saved_training[k] != v}
         if diff:
             lines = "\n".join(f"  --{k}: workdir has {a!r}, this run asks {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ConfigMismatchError(

@@ -31,9 +31,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` that trains with the fused TensorFlow kernel."""
 
     def _can_fuse(self, inputs, training, mask):
-        axis = self.axis if isinstance(self.axis, int) else None
         return (bool(training) and self.trainable and mask is None and not self.synchronized
-                and not self.renorm and len(inputs.shape) == 4 and axis in (-1, 3)
+                and not self.renorm and len(inputs.shape) == 4 and self.axis in (-1, 3)
                 and keras.backend.backend() == "tensorflow"
                 and inputs.dtype in (tf.float32, tf.bfloat16, tf.float16))
 
