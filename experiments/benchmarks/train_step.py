@@ -20,6 +20,8 @@ def parse(argv):
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--width_multiplier", type=float, default=1.0)
+    p.add_argument("--stem_stride", type=int, default=None, help="small encoder only (1 or 2)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--predictor", default="directpred")
     p.add_argument("--projector_hidden", type=int, default=512)
@@ -49,7 +51,10 @@ def main(argv):
     if args.mixed_precision:
         keras.config.set_dtype_policy(args.mixed_precision)
     shape = (args.image_size, args.image_size, args.channels)
-    encoder = encoders.get_encoder(args.encoder, shape)
+    options = {"width_multiplier": args.width_multiplier}
+    if args.stem_stride is not None:
+        options["stem_stride"] = args.stem_stride
+    encoder = encoders.get_encoder(args.encoder, shape, **options)
     projector = heads.projector(encoder.output_shape[-1], args.projector_hidden, args.projection_dim)
     options = dict(rho=0.3, eps=0.1, freq=1) if args.predictor not in ("linear", "mlp", "none") else {}
     predictor = get_predictor(args.predictor, args.projection_dim, **options)
@@ -78,7 +83,8 @@ def main(argv):
     median = statistics.median(times)
     print(json.dumps({
         "bench": "train_step", "framework": f"keras {keras.__version__} / tf {tf.__version__}",
-        "encoder": args.encoder, "predictor": args.predictor, "batch": args.batch_size,
+        "encoder": args.encoder, "width_multiplier": args.width_multiplier,
+        "stem_stride": args.stem_stride, "predictor": args.predictor, "batch": args.batch_size,
         "image": args.image_size, "forward_views_together": args.forward_views_together,
         "jit_compile": args.jit_compile, "mixed_precision": args.mixed_precision,
         "step_s": round(median, 4), "images_per_sec": round(args.batch_size / median, 2),
