@@ -88,13 +88,21 @@ def input_shape(config):
     return (config["image_size"], config["image_size"], config["channels"])
 
 
+def encoder_input_shape(config):
+    """Multi-crop feeds the encoder two sizes: build it for any size then."""
+    return (None, None, config["channels"]) if config["local_views"] else input_shape(config)
+
+
 def build_encoder(config, synchronized_bn=False):
     options = dict(synchronized_bn=synchronized_bn, width_multiplier=config["width_multiplier"])
     if config["encoder"].startswith("resnet"):
         options["stem"] = config["stem"]
     elif config["encoder"] == "small":
         options["stem_stride"] = config["stem_stride"]
-    return encoders.get_encoder(config["encoder"], input_shape(config), **options)
+        options["convs_per_stage"] = config["convs_per_stage"]
+        if config["widths"]:
+            options["widths"] = tuple(config["widths"])
+    return encoders.get_encoder(config["encoder"], encoder_input_shape(config), **options)
 
 
 def build_predictor(config, synchronized_bn=False):
@@ -169,10 +177,17 @@ def pretrain_input(config, splits, epoch):
     images = splits.pretrain
     if config["pretrain_limit"]:
         images = images.take(config["pretrain_limit"])
+    preset = augment.with_view_options(config["augment"], config["augment_options"])
+    local = {}
+    if config["local_views"]:
+        scale = [float(v) for v in config["local_crop_scale"]]
+        local = dict(local_views=config["local_views"],
+                     local_size=config["local_size"] or max(2, config["image_size"] // 2),
+                     local_config=augment.local_view_config(preset, scale))
     return augment.pretrain_dataset(
-        images, preset=config["augment"], batch_size=config["batch_size"], image_size=config["image_size"],
+        images, preset=preset, batch_size=config["batch_size"], image_size=config["image_size"],
         channels=config["channels"], seed=_epoch_seed(config["seed"], epoch), mean=splits.mean,
-        std=splits.std, shuffle_buffer=min(splits.num_examples["pretrain"], 20_000))
+        std=splits.std, shuffle_buffer=min(splits.num_examples["pretrain"], 20_000), **local)
 
 
 def eval_arrays(config, splits, split, limit=None):

@@ -5,6 +5,8 @@ workdir's; the others (stage, evaluation, logging) may change between invocation
 """
 from absl import flags
 
+from keras_ncssl import augment
+
 TRAINING = []  # names of flags that define the pretraining run
 
 
@@ -29,6 +31,11 @@ _training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry nam
 _training(flags.DEFINE_integer, "image_size", 32, "Encoder input size (pixels).")
 _training(flags.DEFINE_integer, "channels", 3, "Encoder input channels (grey data is repeated).")
 _training(flags.DEFINE_string, "augment", "byol", "Augmentation preset (keras_ncssl.augment.PRESETS).")
+_training(flags.DEFINE_string, "augment_options", "", "Preset changes, e.g. 'crop_scale=0.3:1,brightness=0.2' "
+          "(1./2. prefix: one view); fields of keras_ncssl.augment.ViewConfig.")
+_training(flags.DEFINE_integer, "local_views", 0, "Multi-crop: extra low-resolution local views per image (0 = off).")
+_training(flags.DEFINE_integer, "local_size", 0, "Multi-crop: local view size in pixels (0 = image_size // 2).")
+_training(flags.DEFINE_list, "local_crop_scale", ["0.1", "0.4"], "Multi-crop: area range of the local crops.")
 _training(flags.DEFINE_float, "validation_fraction", 0.1, "Train fraction held out for probe selection.")
 _training(flags.DEFINE_integer, "pretrain_limit", 0, "Use only the first N pretraining images (0 = all).")
 # -- model -------------------------------------------------------------------------------------
@@ -37,6 +44,8 @@ _training(flags.DEFINE_string, "encoder", "resnet18", "Encoder (keras_ncssl.enco
 _training(flags.DEFINE_enum, "stem", "cifar", ["cifar", "imagenet"], "ResNet stem.")
 _training(flags.DEFINE_float, "width_multiplier", 1.0, "Encoder width multiplier.")
 _training(flags.DEFINE_integer, "stem_stride", 2, "Stride of the small encoder's first conv (1 or 2).")
+_training(flags.DEFINE_list, "widths", [], "Small encoder: channels per stage, e.g. 32,64,128,256 (empty = default).")
+_training(flags.DEFINE_integer, "convs_per_stage", 1, "Small encoder: conv-BN-ReLU layers per stage.")
 _training(flags.DEFINE_integer, "projector_hidden", 512, "Projector hidden width.")
 _training(flags.DEFINE_integer, "projection_dim", 128, "Projection (predictor) dimension d.")
 _training(flags.DEFINE_bool, "projector_bn_affine", False, "Affine BN in the heads ([DP] code: off).")
@@ -116,9 +125,49 @@ def resolved(values):
     if config["stem_stride"] != 2 and config["encoder"] != "small":
         raise ValueError(f"--stem_stride={config['stem_stride']} applies to --encoder=small only "
                          f"(got --encoder={config['encoder']}; ResNets take --stem=cifar|imagenet).")
+    _check_augmentation(config)
+    _check_small_encoder(config)
     if not 0.0 <= config["tau_base"] <= 1.0:
         raise ValueError(f"--tau_base={config['tau_base']}: must be in [0, 1].")
     return config
+
+
+def _check_augmentation(config):
+    """--augment_options and the multi-crop flags. local_size and local_crop_scale stay as
+    given (0 = auto; strings), so that flags.json compares equal with a workdir made before
+    they existed; runner.py resolves them."""
+    try:
+        augment.with_view_options(config["augment"], config["augment_options"])
+    except ValueError as error:
+        raise ValueError(f"--augment={config['augment']!r} --augment_options={config['augment_options']!r}: "
+                         f"{error}") from None
+    if config["local_views"] < 0:
+        raise ValueError(f"--local_views={config['local_views']}: must be >= 0 (0 = no multi-crop).")
+    if config["local_size"] == 1 or config["local_size"] < 0:
+        raise ValueError(f"--local_size={config['local_size']}: must be >= 2 pixels (or 0 = image_size // 2).")
+    try:
+        scale = tuple(float(v) for v in config["local_crop_scale"])
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--local_crop_scale={','.join(map(str, config['local_crop_scale']))}: give two "
+                         "area fractions low,high with 0 < low <= high <= 1, e.g. 0.1,0.4.") from None
+
+
+def _check_small_encoder(config):
+    """--widths (made ints here) and --convs_per_stage: the small CNN's architecture flags."""
+    for name, default_value in {"widths": [], "convs_per_stage": 1}.items():
+        if config[name] != default_value and config["encoder"] != "small":
+            raise ValueError(f"--{name}={config[name]} applies to --encoder=small only (got --encoder="
+                             f"{config['encoder']}; ResNets take --width_multiplier).")
+    try:
+        config["widths"] = [int(w) for w in config["widths"]]
+    except ValueError:
+        raise ValueError(f"--widths={','.join(config['widths'])}: give positive integers, e.g. 32,64,128,256.") from None
+    if any(w < 1 for w in config["widths"]):
+        raise ValueError(f"--widths={','.join(map(str, config['widths']))}: every width must be >= 1.")
+    if config["convs_per_stage"] < 1:
+        raise ValueError(f"--convs_per_stage={config['convs_per_stage']}: must be >= 1.")
 
 
 def default(name):

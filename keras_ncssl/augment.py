@@ -68,6 +68,10 @@ class ViewConfig:
         blur_prob: probability of Gaussian blur; sigma uniform in `blur_sigma`, kernel size
             `blur_kernel_fraction` of the image side (made odd), reflect padding.
         solarize_prob: probability of solarisation (x -> 1 - x where x >= solarize_threshold).
+        erase_prob: probability of random erasing (Zhong et al. 2020, torchvision
+            RandomErasing), applied last: a box of area fraction ~ U(`erase_scale`) and aspect
+            ~ log-U(`erase_ratio`) is set to `erase_value` (in [0, 1] pixel units, before
+            normalisation; 0 is Fashion-MNIST's background).
     """
     crop_scale: Tuple[float, float] = (0.08, 1.0)
     crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -83,17 +87,24 @@ class ViewConfig:
     blur_kernel_fraction: float = 0.1
     solarize_prob: float = 0.0
     solarize_threshold: float = 0.5
+    erase_prob: float = 0.0
+    erase_scale: Tuple[float, float] = (0.02, 0.33)
+    erase_ratio: Tuple[float, float] = (0.3, 3.3)
+    erase_value: float = 0.0
 
     def __post_init__(self):
         _check_range("crop_scale", self.crop_scale, 1e-6, 1.0, pair=True)
         _check_range("crop_ratio", self.crop_ratio, 1e-3, 1e3, pair=True)
         for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob",
-                     "solarize_prob", "solarize_threshold", "blur_kernel_fraction"):
+                     "solarize_prob", "solarize_threshold", "blur_kernel_fraction",
+                     "erase_prob", "erase_value"):
             _check_range(name, getattr(self, name), 0.0, 1.0)
         for name in ("brightness", "contrast", "saturation"):
             _check_range(name, getattr(self, name), 0.0, 10.0)
         _check_range("hue", self.hue, 0.0, 0.5)
         _check_range("blur_sigma", self.blur_sigma, 1e-3, 100.0, pair=True)
+        _check_range("erase_scale", self.erase_scale, 1e-6, 1.0, pair=True)
+        _check_range("erase_ratio", self.erase_ratio, 1e-3, 1e3, pair=True)
 
 
 # BYOL (Grill et al. 2020, Tab. 6): jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2; asymmetric
@@ -141,6 +152,46 @@ def get_preset(preset: PresetLike) -> Tuple[ViewConfig, ViewConfig]:
         return tuple(preset)
     raise ValueError(f"preset={preset!r} must be a name in {sorted(PRESETS)}, a ViewConfig "
                      "or a pair of ViewConfig")
+
+
+def parse_view_options(text: str) -> Dict[int, Dict[str, object]]:
+    """`"crop_scale=0.3:1,brightness=0.2,2.solarize_prob=0.2"` -> {view: {field: value}}.
+
+    Comma-separated `field=value` items; a pair is written `low:high`. A field applies to both
+    views, or to one with a `1.`/`2.` prefix. Returns {0: ..., 1: ...} (view indices) for
+    `with_view_options`; an empty text gives empty dicts.
+    """
+    fields = {f.name: f for f in dataclasses.fields(ViewConfig)}
+    out: Dict[int, Dict[str, object]] = {0: {}, 1: {}}
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        views = (0, 1)
+        if key[:2] in ("1.", "2."):
+            views, key = (int(key[0]) - 1,), key[2:]
+        if not sep or key not in fields:
+            raise ValueError(f"augmentation option {item!r}: write FIELD=VALUE (or 1.FIELD=VALUE / "
+                             f"2.FIELD=VALUE for one view) with FIELD one of {sorted(fields)}")
+        try:
+            parsed = tuple(float(v) for v in value.split(":"))
+        except ValueError:
+            raise ValueError(f"augmentation option {item!r}: {value!r} is not a number or a "
+                             "low:high pair of numbers") from None
+        is_pair = isinstance(getattr(ViewConfig(), key), tuple)
+        if len(parsed) != (2 if is_pair else 1):
+            raise ValueError(f"augmentation option {item!r}: {key} takes "
+                             f"{'a low:high pair' if is_pair else 'one number'}")
+        for view in views:
+            out[view][key] = parsed if is_pair else parsed[0]
+    return out
+
+
+def with_view_options(preset: PresetLike, options: str) -> Tuple[ViewConfig, ViewConfig]:
+    """The `(view1, view2)` configs of `preset` with `parse_view_options(options)` applied
+    (each changed config is validated again by `ViewConfig`)."""
+    changes = parse_view_options(options)
+    return tuple(dataclasses.replace(cfg, **changes[v]) for v, cfg in enumerate(get_preset(preset)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +474,12 @@ def sample_view_params(config: ViewConfig, seed, batch_size, height: int,
     n = batch_size
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 12)
     jitter = _bernoulli(seeds[2], n, config.jitter_prob)
+    erase_seeds = tf.random.experimental.stateless_split(seeds[11], 2)
+    erase_boxes = sample_crop_boxes(erase_seeds[1], n, config.erase_scale, config.erase_ratio,
+                                    height, width)
+    # sample_crop_boxes falls back to the whole image when no attempt fits; torchvision's
+    # RandomErasing then erases nothing, and so does this.
+    erase_area = (erase_boxes[:, 2] - erase_boxes[:, 0]) * (erase_boxes[:, 3] - erase_boxes[:, 1])
 
     def factor(s, strength):
         return tf.where(jitter, _uniform(s, n, max(0.0, 1.0 - strength), 1.0 + strength), 1.0)
@@ -439,6 +496,10 @@ def sample_view_params(config: ViewConfig, seed, batch_size, height: int,
         "blur": _bernoulli(seeds[8], n, config.blur_prob),
         "blur_sigma": _uniform(seeds[9], n, config.blur_sigma[0], config.blur_sigma[1]),
         "solarize": _bernoulli(seeds[10], n, config.solarize_prob),
+        # seeds[11] was unused before erasing existed: the draws above are unchanged by it.
+        "erase": _bernoulli(erase_seeds[0], n, config.erase_prob)
+                 & (erase_area <= config.erase_scale[1] * (1.0 + 1e-5)),
+        "erase_boxes": erase_boxes,
     }
 
 
@@ -448,7 +509,8 @@ def apply_view(images, params: Dict[str, tf.Tensor], config: ViewConfig,
 
     images: float32 [B, H, W, C] in [0, 1]; returns [B, S, S, C] in [0, 1] (S = `out_size`,
     default H; the crop resamples straight to S), not normalised.
-    Order as BYOL/SimCLR: crop + flip, colour jitter, grayscale, blur, solarize. Only
+    Order as BYOL/SimCLR: crop + flip, colour jitter, grayscale, blur, solarize, then random
+    erasing (last, as torchvision's RandomErasing after ToTensor). Only
     XLA-compilable ops; works internally in the [B, H, C, W] layout, where the separable
     crop/blur matmuls need no transposes.
     """
@@ -473,7 +535,23 @@ def apply_view(images, params: Dict[str, tf.Tensor], config: ViewConfig,
         x = apply_separable(x, blur, blur)
     if config.solarize_prob > 0:
         x = tf.where(_bcast(params["solarize"]) & (x >= config.solarize_threshold), 1.0 - x, x)
+    if config.erase_prob > 0:
+        x = tf.where(erase_mask(params["erase_boxes"], params["erase"], size),
+                     tf.cast(config.erase_value, x.dtype), x)
     return tf.transpose(x, [0, 1, 3, 2])
+
+
+def erase_mask(boxes, apply, size: int) -> tf.Tensor:
+    """[B, S, 1, S] boolean mask (the [B, H, C, W] layout of `apply_view`) of the pixels whose
+    centres lie in each sample's box (fractions y1, x1, y2, x2), all False where not `apply`."""
+    centres = (tf.range(size, dtype=tf.float32) + 0.5) / size
+
+    def inside(low, high):  # [B, S]
+        return (centres[None, :] >= low[:, None]) & (centres[None, :] < high[:, None])
+
+    rows = inside(boxes[:, 0], boxes[:, 2]) & apply[:, None]
+    cols = inside(boxes[:, 1], boxes[:, 3])
+    return rows[:, :, None, None] & cols[:, None, None, :]
 
 
 def augment_batch(images, config: ViewConfig, seed) -> tf.Tensor:
@@ -487,7 +565,9 @@ def augment_batch(images, config: ViewConfig, seed) -> tf.Tensor:
 
 
 def make_view_fn(preset: PresetLike, mean: Sequence[float], std: Sequence[float],
-                 channels: int, image_size: Optional[int] = None, jit_compile: bool = True):
+                 channels: int, image_size: Optional[int] = None, jit_compile: bool = True,
+                 local_views: int = 0, local_size: Optional[int] = None,
+                 local_config: Optional[ViewConfig] = None):
     """A function `(batch, seed) -> (view1, view2)`, normalised float32 [B, S, S, channels].
 
     `batch`: float32 [B, H, W, 1 or 3] in [0, 1] (`convert_images` output; S = `image_size`,
@@ -498,12 +578,23 @@ def make_view_fn(preset: PresetLike, mean: Sequence[float], std: Sequence[float]
     is compiled with XLA, which fuses the chain of per-pixel ops (several times faster on
     CPU); the random parameters are drawn outside it, so both settings give the same views up
     to float rounding.
+
+    Multi-crop ([SwAV] Caron et al. 2020): with `local_views` = M > 0 the function returns
+    `(view1, view2, (local_1, ..., local_M))`, the locals [B, s, s, channels] with
+    s = `local_size` and augmented by `local_config` (see `local_view_config`). Local m
+    draws from `fold_in(seed, m + 3)`, so the two global views are the same with or without
+    locals.
     """
     view_cfgs = get_preset(preset)
+    local_views = _check_local_views(local_views, local_size)
+    if local_views:
+        local_config = local_config or local_view_config(view_cfgs)
+        view_cfgs = tuple(view_cfgs) + (local_config,) * local_views
     mean, std = normalization_stats(mean, std, channels)
-    apply_fn = _view_applier(view_cfgs, tuple(float(m) for m in mean),
+    apply_fn = _view_applier(tuple(view_cfgs), tuple(float(m) for m in mean),
                              tuple(float(s) for s in std), int(channels),
-                             None if image_size is None else int(image_size), bool(jit_compile))
+                             None if image_size is None else int(image_size),
+                             None if not local_views else int(local_size), bool(jit_compile))
 
     def views(x, seed):
         x = tf.convert_to_tensor(x, tf.float32)
@@ -515,26 +606,47 @@ def make_view_fn(preset: PresetLike, mean: Sequence[float], std: Sequence[float]
         params = [sample_view_params(cfg, tf.random.experimental.stateless_fold_in(seed, v + 1),
                                      n, h, w)
                   for v, cfg in enumerate(view_cfgs)]
-        return apply_fn(x, params[0], params[1])
+        out = apply_fn(x, params)
+        return (out[0], out[1]) if not local_views else (out[0], out[1], tuple(out[2:]))
 
     return views
 
 
-@functools.lru_cache(maxsize=32)
-def _view_applier(view_cfgs, mean, std, channels, image_size, jit_compile):
-    """The deterministic two-view application, memoised so that pipelines rebuilt with new
-    seeds (e.g. one per epoch) reuse one tf.function and hence one XLA compilation."""
+# Multi-crop's default local crop: DINO's (0.05, 0.4) area range with a floor of 0.1, since
+# 5% of a 28-32 px image is a 6-7 px patch.
+LOCAL_CROP_SCALE = (0.1, 0.4)
 
-    def apply_both(x, params1, params2):
+
+def local_view_config(view_cfgs, crop_scale=LOCAL_CROP_SCALE) -> ViewConfig:
+    """The default local-view augmentation: view 1's settings with a small crop (`crop_scale`)."""
+    return dataclasses.replace(get_preset(view_cfgs)[0], crop_scale=tuple(crop_scale))
+
+
+def _check_local_views(local_views, local_size):
+    if not isinstance(local_views, (int, np.integer)) or local_views < 0:
+        raise ValueError(f"local_views={local_views!r} must be an integer >= 0 (0: no multi-crop)")
+    if local_views and (not isinstance(local_size, (int, np.integer)) or local_size < 2):
+        raise ValueError(f"local_size={local_size!r} must be an integer >= 2 (pixels) when "
+                         f"local_views={local_views}")
+    return int(local_views)
+
+
+@functools.lru_cache(maxsize=32)
+def _view_applier(view_cfgs, mean, std, channels, image_size, local_size, jit_compile):
+    """The deterministic application of every view (two globals, then any locals), memoised
+    so that pipelines rebuilt with new seeds (e.g. one per epoch) reuse one tf.function and
+    hence one XLA compilation."""
+
+    def apply_all(x, params):
         out = []
-        for cfg, params in zip(view_cfgs, (params1, params2)):
-            y = apply_view(x, params, cfg, image_size)
+        for v, (cfg, p) in enumerate(zip(view_cfgs, params)):
+            y = apply_view(x, p, cfg, image_size if v < 2 else local_size)
             if y.shape[-1] != channels:
                 y = tf.tile(y, [1, 1, 1, channels])
             out.append(normalize(y, mean, std))
-        return out[0], out[1]
+        return out
 
-    return tf.function(apply_both, jit_compile=True) if jit_compile else apply_both
+    return tf.function(apply_all, jit_compile=True) if jit_compile else apply_all
 
 
 def two_views(images, preset: PresetLike, seed, image_size: int, channels: int,
@@ -605,8 +717,14 @@ def pretrain_dataset(data, preset: PresetLike = "byol", batch_size: int = 256,
                      mean: Optional[Sequence[float]] = None,
                      std: Optional[Sequence[float]] = None,
                      resize_method: str = "resize",
-                     jit_compile: bool = True) -> tf.data.Dataset:
+                     jit_compile: bool = True, local_views: int = 0,
+                     local_size: Optional[int] = None,
+                     local_config: Optional[ViewConfig] = None) -> tf.data.Dataset:
     """The pretraining input: a dataset of `(view1, view2)` float32 batches [B, S, S, C].
+
+    With `local_views` = M > 0 (multi-crop) each element is instead a dict
+    `{"view1", "view2", "local_views": (M batches [B, s, s, C])}`, s = `local_size`; the
+    models train on both forms (see `make_view_fn` for the local views' augmentation).
 
     Args:
         data: `DatasetSplits` (uses `.pretrain`, `.mean`, `.std`) or a `tf.data.Dataset` of
@@ -626,6 +744,7 @@ def pretrain_dataset(data, preset: PresetLike = "byol", batch_size: int = 256,
         resize_method: "resize" or "pad" for the native -> input conversion.
         jit_compile: compile the augmentation with XLA (CPU); False runs the same ops in
             plain TensorFlow (slower; for builds without XLA).
+        local_views, local_size, local_config: multi-crop's extra low-resolution views.
 
     Batches are dropped at the end of a pass if incomplete (`drop_remainder=True`): BYOL's
     BatchNorm and the predictor's correlation estimate want full batches.
@@ -633,6 +752,7 @@ def pretrain_dataset(data, preset: PresetLike = "byol", batch_size: int = 256,
     ds, image_size, channels, mean, std, native = _resolve(data, image_size, channels, mean,
                                                            std)
     get_preset(preset)  # fail early on a bad preset
+    local_views = _check_local_views(local_views, local_size)
     if resize_method not in RESIZE_METHODS:
         raise ValueError(f"resize_method={resize_method!r}; choose one of {list(RESIZE_METHODS)}")
     if int(batch_size) < 1:
@@ -661,14 +781,18 @@ def pretrain_dataset(data, preset: PresetLike = "byol", batch_size: int = 256,
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     base = tf.constant([seed, pipeline_id], tf.int64)
     work_channels = 1 if (native[2] == 1 and channels == 3) else channels
-    view_fn = make_view_fn(preset, mean, std, channels, image_size, jit_compile)
+    view_fn = make_view_fn(preset, mean, std, channels, image_size, jit_compile, local_views,
+                           local_size, local_config)
     # "resize": the crop resamples native -> S itself; "pad" pads first, then crops S -> S.
     convert_size = image_size if resize_method == "pad" else None
 
     def make_views(images, key):
         batch_seed = tf.random.experimental.stateless_fold_in(base, key)
         x = convert_images(images, convert_size, work_channels, resize_method)
-        return view_fn(x, batch_seed)
+        views = view_fn(x, batch_seed)
+        if not local_views:
+            return views
+        return {"view1": views[0], "view2": views[1], "local_views": views[2]}
 
     ds = tf.data.Dataset.zip((ds, keys)).map(make_views, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

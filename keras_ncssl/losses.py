@@ -59,8 +59,8 @@ LOSSES = {"byol": normalized_mse, "simsiam": negative_cosine}
 DIRECTION_WEIGHTS = {"byol": 1.0, "simsiam": 0.5}
 
 
-def symmetric_loss(kind, p1, p2, z1, z2, epsilon=DEFAULT_EPSILON):
-    """Symmetrised scalar loss over the two views.
+def symmetric_loss(kind, p1, p2, z1, z2, epsilon=DEFAULT_EPSILON, local_predictions=()):
+    """Symmetrised scalar loss over the two views, optionally with multi-crop local views.
 
     byol:    mean_b L(p1, sg z2) + mean_b L(p2, sg z1), L = normalized_mse   ([BYOL] §3.2)
     simsiam: 0.5 mean_b D(p1, sg z2) + 0.5 mean_b D(p2, sg z1), D = -cos    ([SimSiam] Eq. 2)
@@ -69,6 +69,16 @@ def symmetric_loss(kind, p1, p2, z1, z2, epsilon=DEFAULT_EPSILON):
     target network; SimSiam: the online projections). The z's are wrapped in stop_gradient here
     (for BYOL too), so no gradient reaches them whatever the caller did.
 
+    Multi-crop ([SwAV] Caron et al. 2020, as BYOL runs it in solo-learn): the predictions q_m
+    of M local views are each compared with both global targets, and every term is averaged
+    over the 2 + 2M (prediction, target) pairs, rescaled to the two-view loss:
+
+        loss = w * 2 / (2 + 2M) * [L(p1, z2) + L(p2, z1) + sum_m (L(q_m, z1) + L(q_m, z2))]
+
+    (w = 1 for byol, 0.5 for simsiam), so M = 0 is the loss above and the loss (and hence the
+    gradient scale a learning rate was tuned for) does not grow with M. (solo-learn sums the
+    pairs instead.)
+
     Returns a float32 (or float64 for float64 inputs) scalar.
     """
     if kind not in LOSSES:
@@ -76,4 +86,7 @@ def symmetric_loss(kind, p1, p2, z1, z2, epsilon=DEFAULT_EPSILON):
             f"symmetric_loss: unknown kind={kind!r}; allowed: {', '.join(sorted(LOSSES))}.")
     fn, weight = LOSSES[kind], DIRECTION_WEIGHTS[kind]
     z1, z2 = ops.stop_gradient(z1), ops.stop_gradient(z2)
-    return weight * (ops.mean(fn(p1, z2, epsilon)) + ops.mean(fn(p2, z1, epsilon)))
+    total = ops.mean(fn(p1, z2, epsilon)) + ops.mean(fn(p2, z1, epsilon))
+    for q in local_predictions:
+        total = total + ops.mean(fn(q, z1, epsilon)) + ops.mean(fn(q, z2, epsilon))
+    return weight * total * (2.0 / (2.0 + 2.0 * len(local_predictions)))

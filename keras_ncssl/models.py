@@ -13,6 +13,13 @@ One training step ([DP] §2.2 as the official code runs it):
    both views into its correlation and refreshes its kernel every ``freq`` steps;
 5. the target EMA: xi <- tau xi + (1 - tau) theta.
 
+Multi-crop ([SwAV] Caron et al. 2020): a dataset of dicts ``{"view1", "view2", "local_views"}``
+(``augment.pretrain_dataset(..., local_views=M, local_size=s)``) adds M low-resolution views;
+each local prediction is compared with both global targets (no target pass on the locals),
+the loss averages all 2 + 2M pairs (`losses.symmetric_loss`), and the DirectPredictor folds
+one row per loss term. The encoder must then accept both sizes: build it with
+``input_shape=(None, None, channels)``.
+
 Target BatchNorm policy (``target_batchnorm``):
 - ``"batch_stats"`` (default): the target network runs in training mode, normalising with the
   current batch's statistics, and only trainable weights are averaged. This is what both the
@@ -136,27 +143,50 @@ class _NonContrastive(keras.Model):
         return tf.stop_gradient(
             self.target_projector(self.target_encoder(x, training=training), training=training))
 
-    def compute_symmetric_loss(self, x1, x2, training, targets=None):
-        """The symmetric loss and (z1, z2, t1, t2); ``targets`` = precomputed (t1, t2)."""
+    def _online_locals(self, local_views, training):
+        """Projections and predictions of the multi-crop local views: one encoder pass over all
+        of them (they share a size; their BN statistics pool the local views)."""
+        if not local_views:
+            return (), ()
+        fixed = tuple(getattr(self.encoder, "input_shape", (None, None, None))[1:3])
+        given = tuple(local_views[0].shape[1:3])
+        if any(f is not None and f != g for f, g in zip(fixed, given)):
+            raise ValueError(f"the local views are {given[0]}x{given[1]} px but the encoder was built for "
+                             f"{fixed[0]}x{fixed[1]} inputs only; build it with input_shape=(None, None, "
+                             "channels) to train with multi-crop local views.")
+        z = self.projector(self.encoder(tf.concat(local_views, 0), training=training), training=training)
+        return tuple(tf.split(z, len(local_views))), tuple(tf.split(self.predictor(z, training=training),
+                                                                    len(local_views)))
+
+    def compute_symmetric_loss(self, x1, x2, training, targets=None, local_views=()):
+        """The symmetric loss and (z1, z2, t1, t2); ``targets`` = precomputed (t1, t2).
+
+        ``local_views``: multi-crop's local views, predicted against both global targets
+        (`losses.symmetric_loss`); their projections are then a fifth item of the tuple.
+        """
         if targets is None and self.ema:
             targets = self._target(x1, training), self._target(x2, training)
         z1, z2, p1, p2 = self._online(x1, x2, training)
         t1, t2 = targets if self.ema else (tf.stop_gradient(z1), tf.stop_gradient(z2))
-        loss = losses_lib.symmetric_loss(self.loss_kind, p1, p2, t1, t2)
-        return loss, (z1, z2, t1, t2)
+        z_locals, q_locals = self._online_locals(local_views, training)
+        loss = losses_lib.symmetric_loss(self.loss_kind, p1, p2, t1, t2, local_predictions=q_locals)
+        return loss, (z1, z2, t1, t2) + ((z_locals,) if local_views else ())
 
     # -- training ---------------------------------------------------------------------------
 
     @staticmethod
     def _views(data):
+        """(view1, view2, local views) of a batch: a (view1, view2) pair, or a dict with
+        "view1", "view2" and optionally "local_views" (a tuple of batches, multi-crop)."""
         if isinstance(data, dict):
-            return data["view1"], data["view2"]
+            return data["view1"], data["view2"], tuple(data.get("local_views", ()))
         if isinstance(data, (tuple, list)) and len(data) == 1:
             data = data[0]
         if not isinstance(data, (tuple, list)) or len(data) != 2:
-            raise ValueError("the dataset must yield (view1, view2) pairs of image batches; got "
+            raise ValueError("the dataset must yield (view1, view2) pairs of image batches (or dicts with "
+                             "view1, view2 and local_views); got "
                              f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}.")
-        return data
+        return data[0], data[1], ()
 
     def current_tau(self):
         """tau at the current optimizer step (cosine from tau_base to 1 over total_steps)."""
@@ -166,13 +196,13 @@ class _NonContrastive(keras.Model):
                        self.tau_schedule)
 
     def train_step(self, data):
-        x1, x2 = self._views(data)
+        x1, x2, local_views = self._views(data)
         tau = self.current_tau()  # tau_k for update k, read before the step increments k
         online = self.online_variables
         # The target needs no gradient: run it before the tape so nothing of it is recorded.
         targets = (self._target(x1, True), self._target(x2, True)) if self.ema else None
         with tf.GradientTape() as tape:
-            loss, (z1, z2, t1, t2) = self.compute_symmetric_loss(x1, x2, True, targets)
+            loss, (z1, z2, t1, t2, *z_locals) = self.compute_symmetric_loss(x1, x2, True, targets, local_views)
             penalties = self.encoder.losses + self.projector.losses + self.predictor.losses
             total = loss + tf.cast(tf.add_n(penalties), loss.dtype) if penalties else loss
             # Keras sums replica gradients under a strategy: scale the per-replica mean once.
@@ -181,7 +211,12 @@ class _NonContrastive(keras.Model):
         gradients = tape.gradient(scaled, online)
         self.optimizer.apply_gradients(zip(gradients, online))
         if isinstance(self.predictor, DirectPredictor):
-            self.predictor.update(tf.concat([z1, z2], 0), tf.concat([t2, t1], 0))
+            # One row per loss term (input, target): a local view enters twice, once per target.
+            inputs, outputs = [z1, z2], [t2, t1]
+            for z in (z_locals[0] if z_locals else ()):
+                inputs += [z, z]
+                outputs += [t1, t2]
+            self.predictor.update(tf.concat(inputs, 0), tf.concat(outputs, 0))
         if self.ema:
             self.update_target(tau)
         self.loss_tracker.update_state(loss)
@@ -190,8 +225,8 @@ class _NonContrastive(keras.Model):
                           "tau": tau, "learning_rate": tf.cast(self.optimizer.learning_rate, tf.float32)})
 
     def test_step(self, data):
-        x1, x2 = self._views(data)
-        loss, (z1, _, _, _) = self.compute_symmetric_loss(x1, x2, training=False)
+        x1, x2, local_views = self._views(data)
+        loss, (z1, *_) = self.compute_symmetric_loss(x1, x2, training=False, local_views=local_views)
         self.loss_tracker.update_state(loss)
         self.std_tracker.update_state(projection_std(z1))
         return step_logs({"loss": self.loss_tracker.result(), "projection_std": self.std_tracker.result()})

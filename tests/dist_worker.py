@@ -35,11 +35,12 @@ def make_views(steps=STEPS, batch=GLOBAL_BATCH, seed=0):
     return x1, x2
 
 
-def build_model(synchronized_bn=True, steps=STEPS):
+def build_model(synchronized_bn=True, steps=STEPS, shape=SHAPE):
     """BYOL on a one-conv encoder, a 4 -> 16 -> 8 projector and a DirectPredictor(freq=2).
 
     freq=2 makes the kernel both overwritten (steps 0, 2, 4 ...) and trained by the optimizer
     (in between), so both paths are compared. Call inside ``strategy.scope()``.
+    ``shape=(None, None, 1)`` builds an encoder that takes any size (multi-crop).
     """
     import keras
 
@@ -48,7 +49,7 @@ def build_model(synchronized_bn=True, steps=STEPS):
     from keras_ncssl.predictors import DirectPredictor
 
     keras.utils.set_random_seed(0)
-    inputs = keras.Input(SHAPE)
+    inputs = keras.Input(shape)
     x = keras.layers.Conv2D(FEATURES, 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization(synchronized=synchronized_bn)(x)
     x = keras.layers.ReLU()(x)

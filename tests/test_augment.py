@@ -58,6 +58,28 @@ def test_presets_follow_the_papers():
     assert A.blur_kernel_size(96) == 9  # 10% of 96 px, odd, as the [LM] helper
 
 
+
+def test_view_options_override_one_or_both_views():
+    v1, v2 = A.with_view_options("byol", "crop_scale=0.3:1, brightness=0.2,2.solarize_prob=0.5")
+    b1, b2 = A.PRESETS["byol"]
+    assert v1 == dataclasses.replace(b1, crop_scale=(0.3, 1.0), brightness=0.2)
+    assert v2 == dataclasses.replace(b2, crop_scale=(0.3, 1.0), brightness=0.2, solarize_prob=0.5)
+    assert A.with_view_options("grayscale", "") == A.PRESETS["grayscale"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("nope=1", r"'nope=1'.*crop_scale"),          # unknown field, lists the allowed ones
+    ("brightness", r"FIELD=VALUE"),                # no value
+    ("crop_scale=0.3", r"low:high pair"),          # a pair field given one number
+    ("brightness=0.1:0.2", r"one number"),         # a number field given a pair
+    ("brightness=high", r"'high' is not a number"),
+    ("3.brightness=0.1", r"3.brightness"),         # only views 1 and 2 exist
+    ("erase_prob=1.5", r"erase_prob=1.5 must be in \[0.0, 1.0\]"),  # ViewConfig's own check
+])
+def test_view_options_reject_bad_text_with_the_reason(text, match):
+    with pytest.raises(ValueError, match=match):
+        A.with_view_options("grayscale", text)
+
 # -- single operations ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scale, ratio, height, width", [
@@ -150,6 +172,36 @@ def test_grayscale_and_solarize_when_forced(rng):
     for c in range(3):
         np.testing.assert_allclose(y[..., c], expected, atol=1e-5)
 
+
+
+def test_random_erasing_matches_a_numpy_reference(rng):
+    """Forced erasing zeroes exactly the pixels whose centres lie in each drawn box, inside
+    scale/ratio, and leaves every other pixel (and the other draws) unchanged."""
+    x = rng.uniform(0.05, 1.0, size=(64, 12, 12, 1)).astype(np.float32)
+    plain = A.ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0)
+    erasing = dataclasses.replace(plain, erase_prob=1.0, erase_scale=(0.1, 0.3), erase_ratio=(0.5, 2.0),
+                                  erase_value=0.25)
+    seed = tf.constant([3, 4], tf.int64)
+    y = A.augment_batch(x, erasing, seed).numpy()
+    np.testing.assert_allclose(A.augment_batch(x, plain, seed).numpy(), x, atol=1e-6)
+    params = A.sample_view_params(erasing, seed, 64, 12, 12)
+    boxes, applied = params["erase_boxes"].numpy(), params["erase"].numpy()
+    assert applied.all()  # every draw fits at these settings
+    centres = (np.arange(12) + 0.5) / 12
+    for i, (y1, x1, y2, x2) in enumerate(boxes):
+        area, aspect = (y2 - y1) * (x2 - x1), (x2 - x1) / (y2 - y1)
+        assert 0.1 - 1e-6 <= area <= 0.3 + 1e-6 and 0.5 - 1e-4 <= aspect <= 2.0 + 1e-4
+        inside = ((centres >= y1) & (centres < y2))[:, None] & ((centres >= x1) & (centres < x2))[None, :]
+        np.testing.assert_allclose(y[i, ..., 0], np.where(inside, 0.25, x[i, ..., 0]), atol=1e-6)
+
+
+def test_random_erasing_erases_nothing_when_no_box_fits():
+    """A box that cannot fit (area 0.9 at aspect 10) leaves the image whole, as torchvision
+    does, instead of the crop sampler's whole-image fallback erasing everything."""
+    x = np.ones((16, 8, 8, 1), np.float32)
+    cfg = A.ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
+                       erase_prob=1.0, erase_scale=(0.9, 0.9), erase_ratio=(10.0, 10.0))
+    np.testing.assert_allclose(A.augment_batch(x, cfg, tf.constant([0, 1], tf.int64)).numpy(), x)
 
 def test_convert_images_resize_pad_and_channels():
     x = np.full((2, 28, 28, 1), 255, np.uint8)
@@ -273,6 +325,44 @@ def test_views_differ_and_seeding_is_reproducible(rng):
                              shuffle_buffer=0, repeat=True, jit_compile=False)
     steps = [v1.numpy() for v1, _ in rep.take(3)]
     assert np.abs(steps[0] - steps[1]).mean() > 0.05 and np.abs(steps[1] - steps[2]).mean() > 0.05
+
+
+def test_local_views_leave_the_global_views_unchanged(rng):
+    """Multi-crop adds M smaller views drawn from their own streams: the two global views are
+    the very same as without them, and the locals follow the local config (here: no jitter,
+    crops inside the scale range, so each local is a resampled crop of its image)."""
+    x = rng.uniform(size=(6, 16, 16, 1)).astype(np.float32)
+    seed = tf.constant([5, 6], tf.int64)
+    local_cfg = A.ViewConfig(crop_scale=(0.2, 0.4), jitter_prob=0.0, flip_prob=0.0)
+    v1, v2 = A.make_view_fn("grayscale", (0.0,), (1.0,), 1, jit_compile=False)(x, seed)
+    w1, w2, locals_ = A.make_view_fn("grayscale", (0.0,), (1.0,), 1, jit_compile=False, local_views=3,
+                                     local_size=8, local_config=local_cfg)(x, seed)
+    np.testing.assert_array_equal(v1.numpy(), w1.numpy())
+    np.testing.assert_array_equal(v2.numpy(), w2.numpy())
+    assert len(locals_) == 3 and all(tuple(v.shape) == (6, 8, 8, 1) for v in locals_)
+    assert not np.allclose(locals_[0].numpy(), locals_[1].numpy())  # own randomness per local
+    for m, local in enumerate(locals_):
+        params = A.sample_view_params(local_cfg, tf.random.experimental.stateless_fold_in(seed, m + 3), 6, 16, 16)
+        np.testing.assert_allclose(local.numpy(), A.apply_view(x, params, local_cfg, 8).numpy(), atol=1e-6)
+    default = A.local_view_config(A.PRESETS["grayscale"])
+    assert default == dataclasses.replace(A.PRESETS["grayscale"][0], crop_scale=A.LOCAL_CROP_SCALE)
+
+
+def test_pretrain_dataset_with_local_views_yields_dicts():
+    x = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16, 1)).astype(np.uint8)
+    ds = A.pretrain_dataset(_image_ds(x), "grayscale", batch_size=4, image_size=16, channels=3,
+                            local_views=2, local_size=8, seed=3)
+    element = next(iter(ds))
+    assert set(element) == {"view1", "view2", "local_views"}
+    assert element["view1"].shape == (4, 16, 16, 3) and len(element["local_views"]) == 2
+    assert all(v.shape == (4, 8, 8, 3) for v in element["local_views"])
+    plain = next(iter(A.pretrain_dataset(_image_ds(x), "grayscale", batch_size=4, image_size=16, channels=3,
+                                         seed=3)))
+    np.testing.assert_allclose(plain[0].numpy(), element["view1"].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="local_size=None must be an integer >= 2"):
+        A.pretrain_dataset(_image_ds(x), "grayscale", batch_size=4, local_views=2)
+    with pytest.raises(ValueError, match="local_views=-1 must be an integer >= 0"):
+        A.pretrain_dataset(_image_ds(x), "grayscale", batch_size=4, local_views=-1)
 
 
 def test_pretrain_dataset_from_splits_uses_stats_and_shapes():

@@ -262,6 +262,38 @@ def test_every_replica_holds_the_same_predictor_and_target(pair):
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=target.path)
 
 
+@needs_two_cpus
+def test_multi_crop_on_two_replicas_matches_one_replica(pair):
+    """Local views (one encoder pass over all of them, synchronised BN, their rows in F) give
+    the same training on 2 replicas as on one device with the same global batches."""
+    x1, x2 = dw.make_views()
+    rng = np.random.default_rng(1)
+    local_views = tuple(rng.normal(size=(len(x1), 4, 4, 1)).astype(np.float32) for _ in range(2))
+
+    def elements():
+        return tf.data.Dataset.from_tensor_slices({"view1": x1, "view2": x2, "local_views": local_views})
+
+    def fn(context):
+        return elements().shard(context.num_input_pipelines, context.input_pipeline_id).batch(
+            context.get_per_replica_batch_size(dw.GLOBAL_BATCH), drop_remainder=True)
+
+    single = dw.build_model(shape=(None, None, 1))
+    init = single.get_weights()
+    with pair.strategy.scope():
+        double = dw.build_model(shape=(None, None, 1))
+    double.set_weights(init)
+    dw.train(single, elements().batch(dw.GLOBAL_BATCH, drop_remainder=True))
+    dw.train(double, distribute.distribute_pretrain_dataset(pair.strategy, fn, dw.GLOBAL_BATCH))
+    diffs = dw.max_abs_diff(dw.snapshot(single), dw.snapshot(double))
+    for group in FLOAT_GROUPS:
+        assert diffs[group] <= ATOL, (group, diffs)
+    # Not vacuous: the local views changed the run (same start and globals, no locals).
+    plain = dw.build_model(shape=(None, None, 1))
+    plain.set_weights(init)
+    dw.train(plain, dw.single_dataset(x1, x2))
+    assert dw.max_abs_diff(dw.snapshot(single), dw.snapshot(plain))["online"] > 100 * ATOL
+
+
 # -- checkpoints and export --------------------------------------------------------------------
 
 @needs_two_cpus

@@ -144,6 +144,26 @@ def test_symmetric_loss_value_and_gradients(kind, rng):
     np.testing.assert_allclose(np.asarray(grads[0]), -weight * dcos / b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["byol", "simsiam"])
+def test_multi_crop_loss_averages_every_pair_against_both_global_targets(kind, rng):
+    b, d, m = 5, 4, 3
+    p1, p2, z1, z2 = (rng.normal(size=(b, d)) for _ in range(4))
+    q = [rng.normal(size=(b, d)) for _ in range(m)]
+    per = (lambda p, z: 2 - 2 * _np_cos(p, z)) if kind == "byol" else (lambda p, z: -_np_cos(p, z))
+    weight = 1.0 if kind == "byol" else 0.5
+    pairs = [(p1, z2), (p2, z1)] + [(qm, z) for qm in q for z in (z1, z2)]
+    expected = weight * 2.0 / len(pairs) * sum(np.mean(per(p, z)) for p, z in pairs)
+    tensors = [tf.constant(a) for a in (p1, p2, z1, z2)]
+    local = [tf.constant(a) for a in q]
+    with tf.GradientTape() as tape:
+        tape.watch(local)
+        loss = losses.symmetric_loss(kind, *tensors, local_predictions=local)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-10)
+    assert all(g is not None for g in tape.gradient(loss, local))  # the locals are trained
+    # No local views: exactly the two-view loss.
+    assert float(losses.symmetric_loss(kind, *tensors, local_predictions=())) == float(losses.symmetric_loss(kind, *tensors))
+
+
 def test_float16_inputs_give_float32_loss(rng):
     arrays = [rng.normal(size=(8, 16)).astype("float16") for _ in range(4)]
     for kind in ("byol", "simsiam"):

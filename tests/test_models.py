@@ -18,8 +18,8 @@ SHAPE = (8, 8, 1)
 PROJ = 16
 
 
-def tiny_encoder(name="encoder"):
-    inputs = keras.Input(SHAPE)
+def tiny_encoder(name="encoder", shape=SHAPE):
+    inputs = keras.Input(shape)
     x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
@@ -27,9 +27,9 @@ def tiny_encoder(name="encoder"):
     return keras.Model(inputs, x, name=name)
 
 
-def build(cls=BYOL, predictor="directpred", seed=0, **kwargs):
+def build(cls=BYOL, predictor="directpred", seed=0, shape=SHAPE, **kwargs):
     keras.utils.set_random_seed(seed)
-    encoder = tiny_encoder()
+    encoder = tiny_encoder(shape=shape)
     projector = heads.projector(8, 32, PROJ)
     pred = get_predictor(predictor, PROJ) if isinstance(predictor, str) else predictor
     model = cls(encoder, projector, pred, **kwargs)
@@ -114,6 +114,49 @@ def test_predictor_state_after_a_step_matches_independent_recomputation(rng, rul
         model.train_step((x1, x2))
         np.testing.assert_allclose(model.predictor.correlation.numpy(), expected_f, rtol=2e-4, atol=2e-6)
         np.testing.assert_allclose(model.predictor.kernel.numpy(), RULES[rule](expected_f, eps=0.1), atol=2e-4)
+
+
+def _np_cos(p, z):
+    return np.sum(p * z, -1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(z, axis=-1))
+
+
+@pytest.mark.parametrize("cls", [BYOL, SimSiam])
+def test_multi_crop_step_loss_and_predictor_statistics_match_a_recomputation(rng, cls):
+    """Local views: each prediction is compared with both global targets, the loss averages
+    the 2 + 2M pairs, and F folds one row per loss term (a local view twice)."""
+    model = build(cls, predictor=get_predictor("directpred", PROJ, rho=0.3, eps=0.1), shape=(None, None, 1),
+                  **({"tau_base": 0.99} if cls is BYOL else {}))
+    x1, x2 = views(rng)
+    local_views = tuple(rng.normal(size=(16, 4, 4, 1)).astype(np.float32) for _ in range(2))
+    for step in range(2):
+        def project(x):
+            return model.projector(model.encoder(x, training=True), training=True).numpy().astype(np.float64)
+        z1, z2 = project(x1), project(x2)
+        z_local = np.split(project(np.concatenate(local_views)), 2)
+        t1, t2 = ((model._target(x, True).numpy().astype(np.float64) for x in (x1, x2)) if cls is BYOL
+                  else (z1, z2))
+        kernel = model.predictor.kernel.numpy().astype(np.float64)
+        pairs = [(z1, t2), (z2, t1)] + [(z, t) for z in z_local for t in (t1, t2)]
+        per = (lambda p, t: 2 - 2 * _np_cos(p, t)) if cls is BYOL else (lambda p, t: -0.5 * _np_cos(p, t))
+        expected_loss = 2.0 / len(pairs) * sum(np.mean(per(z @ kernel, t)) for z, t in pairs)
+        rows = np.concatenate([z for z, _ in pairs])
+        batch = rows.T @ rows / len(rows)
+        expected_f = batch if step == 0 else 0.3 * expected_f + 0.7 * batch  # noqa: F821
+        model.reset_metrics()  # the logged loss is then this step's, not a running mean
+        logs = model.train_step({"view1": x1, "view2": x2, "local_views": local_views})
+        np.testing.assert_allclose(float(logs["loss"]), expected_loss, rtol=2e-5)
+        np.testing.assert_allclose(model.predictor.correlation.numpy(), expected_f, rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(model.predictor.kernel.numpy(), RULES["directpred"](expected_f, eps=0.1),
+                                   atol=2e-4)
+
+
+def test_multi_crop_needs_an_encoder_that_takes_the_local_size(rng):
+    model = build()  # the encoder was built for 8x8 inputs
+    x1, x2 = views(rng)
+    data = {"view1": x1, "view2": x2, "local_views": (x1[:, :4, :4],)}
+    with pytest.raises(ValueError, match=r"local views are 4x4 px but the encoder was built for 8x8 .*"
+                                         r"input_shape=\(None, None, channels\)"):
+        model.train_step(data)
 
 
 def test_step_order_forward_uses_the_kernel_from_before_the_step(rng):

@@ -93,6 +93,22 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
 
 
+def test_multi_crop_run_trains_and_exports_a_fixed_size_encoder(tmp_path):
+    workdir = tmp_path / "run"
+    flags = ["--mode=pretrain", "--epochs=1", "--steps_per_epoch=3", "--local_views=2", "--local_size=8",
+             "--local_crop_scale=0.2,0.5"]
+    run(workdir, *flags)
+    saved = json.loads((workdir / "flags.json").read_text())["training"]
+    assert (saved["local_views"], saved["local_size"], saved["local_crop_scale"]) == (2, 8, ["0.2", "0.5"])
+    history = json.loads((workdir / "pretrain.json").read_text())["history"]
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    run(workdir, *flags[1:], "--mode=export")
+    x = np.random.default_rng(3).normal(size=(2, 16, 16, 1)).astype(np.float32)
+    assert embeddings(workdir, x).shape == (2, 64)  # the export keeps the 16 px input signature
+    other = run(workdir, *flags[1:], "--local_views=0", "--mode=pretrain", check=False)
+    assert other.returncode != 0 and "--local_views: workdir has 2, this run asks 0" in other.stderr
+
+
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     workdir = tmp_path / "run"
     flags = ["--mode=pretrain", "--epochs=1", "--steps_per_epoch=4", "--checkpoint_every_steps=2",
@@ -150,6 +166,16 @@ def parse(*argv):
     ("--synchronized_bn=yes", "choose auto, true or false"),
     ("--stem_stride=3", "--stem_stride=3: choose 1 or 2"),
     ("--encoder=resnet18 --stem_stride=1", "applies to --encoder=small only"),
+    ("--encoder=resnet18 --widths=16,32", "--widths=['16', '32'] applies to --encoder=small only"),
+    ("--widths=16,x", "--widths=16,x: give positive integers"),
+    ("--widths=16,0", "--widths=16,0: every width must be >= 1"),
+    ("--convs_per_stage=0", "--convs_per_stage=0: must be >= 1"),
+    ("--augment_options=crop_scale=0.3", "--augment_options='crop_scale=0.3': augmentation option"),
+    ("--augment_options=nope=1", "FIELD one of"),
+    ("--local_views=-1", "--local_views=-1: must be >= 0"),
+    ("--local_size=1", "--local_size=1: must be >= 2 pixels"),
+    ("--local_crop_scale=0.5,0.2", "--local_crop_scale=0.5,0.2: give two area fractions"),
+    ("--local_crop_scale=0.5", "--local_crop_scale=0.5: give two area fractions"),
 ])
 def test_bad_flag_values_name_the_value_and_the_fix(flag, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -163,6 +189,30 @@ def test_stem_stride_reaches_the_small_encoder():
         encoder = runner.build_encoder(config)
         first_conv = next(layer for layer in encoder.layers if "conv" in type(layer).__name__.lower())
         assert first_conv.strides == (stride, stride)
+
+
+def test_small_encoder_flags_build_that_architecture():
+    import runner
+    config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--widths=8,16,24",
+                   "--convs_per_stage=2", "--stem_stride=1")
+    encoder = runner.build_encoder(config)
+    convs = [layer for layer in encoder.layers if "conv" in type(layer).__name__.lower()]
+    assert [c.filters for c in convs] == [8, 8, 16, 16, 24, 24] and encoder.output_shape[-1] == 24
+    assert [c.strides[0] for c in convs] == [1, 1, 2, 1, 2, 1]
+
+
+def test_augment_options_reach_the_pretraining_views():
+    """--augment_options changes the views the runner trains on (here: erase everything)."""
+    import runner
+    from keras_ncssl import data
+    config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--dataset=digits",
+                   "--image_size=8", "--batch_size=4", "--augment_options=erase_prob=1,erase_scale=1:1,"
+                   "erase_ratio=1:1,erase_value=1,jitter_prob=0")
+    splits = data.load_dataset("digits", validation_fraction=0.1, seed=0)
+    view1, view2 = next(iter(runner.pretrain_input(config, splits, epoch=0)))
+    erased = (1.0 - np.asarray(splits.mean)) / np.asarray(splits.std)  # pixel value 1, normalised
+    for view in (view1, view2):
+        np.testing.assert_allclose(view.numpy(), np.broadcast_to(erased, view.shape), rtol=1e-5)
 
 
 def test_flag_values_resolve():

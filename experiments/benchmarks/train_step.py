@@ -22,6 +22,8 @@ def parse(argv):
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--width_multiplier", type=float, default=1.0)
     p.add_argument("--stem_stride", type=int, default=None, help="small encoder only (1 or 2)")
+    p.add_argument("--widths", default=None, help="small encoder only: channels per stage, e.g. 32,64,128,256")
+    p.add_argument("--convs_per_stage", type=int, default=None, help="small encoder only")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--predictor", default="directpred")
     p.add_argument("--projector_hidden", type=int, default=512)
@@ -54,6 +56,10 @@ def main(argv):
     options = {"width_multiplier": args.width_multiplier}
     if args.stem_stride is not None:
         options["stem_stride"] = args.stem_stride
+    if args.widths:
+        options["widths"] = tuple(int(w) for w in args.widths.split(","))
+    if args.convs_per_stage is not None:
+        options["convs_per_stage"] = args.convs_per_stage
     encoder = encoders.get_encoder(args.encoder, shape, **options)
     projector = heads.projector(encoder.output_shape[-1], args.projector_hidden, args.projection_dim)
     options = dict(rho=0.3, eps=0.1, freq=1) if args.predictor not in ("linear", "mlp", "none") else {}
@@ -84,7 +90,8 @@ def main(argv):
     print(json.dumps({
         "bench": "train_step", "framework": f"keras {keras.__version__} / tf {tf.__version__}",
         "encoder": args.encoder, "width_multiplier": args.width_multiplier,
-        "stem_stride": args.stem_stride, "predictor": args.predictor, "batch": args.batch_size,
+        "stem_stride": args.stem_stride, "widths": args.widths, "convs_per_stage": args.convs_per_stage,
+        "feature_dim": int(encoder.output_shape[-1]), "predictor": args.predictor, "batch": args.batch_size,
         "image": args.image_size, "forward_views_together": args.forward_views_together,
         "jit_compile": args.jit_compile, "mixed_precision": args.mixed_precision,
         "step_s": round(median, 4), "images_per_sec": round(args.batch_size / median, 2),
