@@ -11,6 +11,11 @@ import numpy as np  # noqa: E402
 from keras_ncssl.checkpoint import write_json_atomic  # noqa: E402
 
 
+def _fmt(value, spec):
+    """`value` formatted with `spec`, or "n/a" when the run did not record it."""
+    return "n/a" if value is None else format(float(value), spec)
+
+
 def _load(workdir, name):
     path = os.path.join(workdir, name)
     if not os.path.exists(path):
@@ -131,8 +136,9 @@ def write(config):
         plot_spectrum(spectrum, os.path.join(plots, "spectrum.png"))
         lines += ["## Predictor and representation spectrum ([DP] Fig. 2)", "",
                   "![spectrum and eigen-alignment](plots/spectrum.png)", "",
-                  f"Final effective rank of F: {report['final_effective_rank']}; "
-                  f"mean alignment cos(u_j, W_p u_j): {spectrum[-1].get('alignment_mean')}.", ""]
+                  f"Final effective rank of F: {_fmt(report.get('final_effective_rank'), '.2f')}; "
+                  f"mean alignment cos(u_j, W_p u_j): {_fmt(spectrum[-1].get('alignment_mean'), '.4f')}.",
+                  ""]
     lines += ["## Flags", "", "```", *(f"--{k}={v}" for k, v in sorted(flags.items())), "```", ""]
     path = os.path.join(workdir, "report.md")
     with open(path + ".tmp", "w") as handle:

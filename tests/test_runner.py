@@ -53,6 +53,7 @@ def test_all_stages_write_report_and_encoder(tmp_path):
     markdown = (workdir / "report.md").read_text()
     assert "random init" in markdown and "plots/spectrum.png" in markdown
     assert "before training" in markdown
+    assert f"effective rank of F: {report['final_effective_rank']:.2f};" in markdown
     assert (workdir / "plots" / "spectrum.png").stat().st_size > 1000
     x = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
     assert embeddings(workdir, x).shape == (3, report["trained"]["feature_dim"])
