@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ncssl import data
+from keras_ncssl.data.splits import _validation_indices
 
 
 def _fingerprints(images):
@@ -92,10 +93,10 @@ def test_fashion_mnist_validation_is_a_disjoint_part_of_train(fashion):
         assert _fingerprints(np.concatenate([x_tr, x_va])) == _fingerprints(original[..., None])
     # index level: the split is a partition, fixed by the seed, and moves with it
     labels = np.repeat(np.arange(10), 6000)
-    val = data._validation_indices(labels, len(labels), 0.1, seed=0)
+    val = _validation_indices(labels, len(labels), 0.1, seed=0)
     assert len(np.unique(val)) == 6000
-    np.testing.assert_array_equal(val, data._validation_indices(labels, len(labels), 0.1, 0))
-    assert len(np.intersect1d(val, data._validation_indices(labels, len(labels), 0.1, 1))) < 1000
+    np.testing.assert_array_equal(val, _validation_indices(labels, len(labels), 0.1, 0))
+    assert len(np.intersect1d(val, _validation_indices(labels, len(labels), 0.1, 1))) < 1000
 
 
 def _write_idx(path, array):
@@ -129,7 +130,7 @@ def _garbage(tmp_path):
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
     with pytest.raises(data.DatasetNotAvailableError) as info:
         data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"))
     message = str(info.value)
