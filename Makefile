@@ -1,24 +1,23 @@
 # The two commands a newcomer runs (see README): `make demo` and `make test`.
+# Both first run `make setup`: a project-local virtual environment .venv/ made from $(PYTHON)
+# (the system python3 by default; scripts/setup_env.sh says why and what it installs).
 PYTHON ?= python3
+VENV ?= .venv
 WORKDIR ?= runs/quick
+PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-fast
 
-# Debian's Fashion-MNIST package is the default real data set; elsewhere see README.
 setup:
-	@if command -v apt-get >/dev/null 2>&1 && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
-	  echo "WARNING: could not apt-get install dataset-fashion-mnist; see README 'Data'"; fi
-	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) -m pip install -q --no-deps -e .
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" sh scripts/setup_env.sh
 
 demo: setup
-	$(PYTHON) experiments/run.py --flagfile=experiments/quick.flags --workdir=$(WORKDIR)
+	$(PY) experiments/run.py --flagfile=experiments/quick.flags --workdir=$(WORKDIR)
 
 # pytest exits 5 when it collects nothing: say so and fail, rather than pass silently.
 test: setup
-	@rc=0; $(PYTHON) -m pytest -q -ra --durations=15 tests || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -ra --durations=15 tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; fi; exit $$rc
 
-test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" tests
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests

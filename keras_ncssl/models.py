@@ -20,6 +20,12 @@ the loss averages all 2 + 2M pairs (`losses.symmetric_loss`), and the DirectPred
 one row per loss term. The encoder must then accept both sizes: build it with
 ``input_shape=(None, None, channels)``.
 
+Non-finite steps: a step whose loss or gradients are not finite on any replica (a NaN pixel,
+an overflow) is skipped whole: optimizer, BatchNorm statistics, predictor and target EMA keep
+their values, ``nonfinite_steps`` counts it and a warning is printed. After
+``max_consecutive_nonfinite`` such steps in a row ``fit`` raises `NonFiniteTrainingError`
+(the run has diverged; skipping cannot help).
+
 Target BatchNorm policy (``target_batchnorm``):
 - ``"batch_stats"`` (default): the target network runs in training mode, normalising with the
   current batch's statistics, and only trainable weights are averaged. This is what both the
@@ -28,15 +34,54 @@ Target BatchNorm policy (``target_batchnorm``):
 - ``"ema"``: the target runs in inference mode and *every* weight, moving mean/variance
   included, is averaged: Keras' "average all weights" policy.
 """
+import warnings
+
 import keras
 import tensorflow as tf
 
 from keras_ncssl import losses as losses_lib
 from keras_ncssl.distribute import check_fit_length, step_logs
+from keras_ncssl.numerics import all_finite_across_replicas, graph_warning
 from keras_ncssl.predictors.layer import DirectPredictor
 from keras_ncssl.schedules import EMA_SCHEDULES, ema_tau
 
 TARGET_BATCHNORM = ("batch_stats", "ema")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training diverged: too many consecutive steps had a non-finite loss or gradients."""
+
+
+class _StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `NonFiniteTrainingError` once ``max_consecutive_nonfinite`` steps in a row were
+    skipped; warns at the epoch's end about steps that were skipped and then recovered."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = int(limit)
+        self.epoch, self.batch, self.reported = 0, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        if self.reported is None:
+            self.reported = int(self.model.nonfinite_steps.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch = batch
+        run = int(self.model.consecutive_nonfinite_steps.numpy())
+        if self.limit and run >= self.limit:
+            raise NonFiniteTrainingError(
+                f"training diverged: {run} consecutive steps had a non-finite loss or gradients (epoch "
+                f"{self.epoch + 1}, batch {batch + 1} of the epoch, optimizer step "
+                f"{int(self.model.optimizer.iterations.numpy())}); every skipped step left the weights "
+                "unchanged. Lower the learning rate, or check the inputs for NaN/Inf.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        total = int(self.model.nonfinite_steps.numpy())
+        if total > self.reported:
+            warnings.warn(f"epoch {epoch + 1}: {total - self.reported} training step(s) had a non-finite loss "
+                          "or gradients and were skipped (see nonfinite_steps).", RuntimeWarning, stacklevel=2)
+            self.reported = total
 
 
 def _feature_dim(model, what):
@@ -68,7 +113,7 @@ class _NonContrastive(keras.Model):
 
     def __init__(self, encoder, projector, predictor, *, loss="byol", ema=True, tau_base=0.996,
                  tau_schedule="cosine", total_steps=None, target_batchnorm="batch_stats",
-                 forward_views_together=False, **kwargs):
+                 forward_views_together=False, max_consecutive_nonfinite=20, **kwargs):
         super().__init__(**kwargs)
         if loss not in losses_lib.LOSSES:
             raise ValueError(f"loss must be one of {sorted(losses_lib.LOSSES)}; got {loss!r}.")
@@ -80,6 +125,10 @@ class _NonContrastive(keras.Model):
             raise ValueError(f"target_batchnorm must be one of {TARGET_BATCHNORM}; got {target_batchnorm!r}.")
         if total_steps is not None and (int(total_steps) != total_steps or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer or None; got {total_steps!r}.")
+        if int(max_consecutive_nonfinite) != max_consecutive_nonfinite or max_consecutive_nonfinite < 0:
+            raise ValueError("max_consecutive_nonfinite must be an integer >= 0 (0: never stop); got "
+                             f"{max_consecutive_nonfinite!r}.")
+        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
         self.encoder, self.projector, self.predictor = encoder, projector, predictor
         self.loss_kind = loss
         self.ema = bool(ema)
@@ -104,6 +153,10 @@ class _NonContrastive(keras.Model):
         self.total_steps = self.add_weight(
             name="total_steps", shape=(), dtype="int64", trainable=False,
             initializer=keras.initializers.Constant(total_steps or 0))
+        counter = dict(shape=(), dtype="int64", trainable=False, initializer="zeros",
+                       aggregation="only_first_replica")
+        self.nonfinite_steps = self.add_weight(name="nonfinite_steps", **counter)
+        self.consecutive_nonfinite_steps = self.add_weight(name="consecutive_nonfinite_steps", **counter)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.std_tracker = keras.metrics.Mean(name="projection_std")
         # Every sub-network is built above, so the model is too: save_weights / load_weights
@@ -199,6 +252,16 @@ class _NonContrastive(keras.Model):
         x1, x2, local_views = self._views(data)
         tau = self.current_tau()  # tau_k for update k, read before the step increments k
         online = self.online_variables
+        if not self.optimizer.built:  # before any tf.cond below: variables are made outside it
+            self.optimizer.build(online)
+        single_replica = tf.distribute.get_strategy().num_replicas_in_sync == 1
+        # What a skipped step must give back: the BatchNorm statistics that the forward passes
+        # update before the loss is known, and, with several replicas, whatever the optimizer
+        # writes (a replica cannot branch around the optimizer's all-reduce: see _apply).
+        rollback = self._state_written_by_forward()
+        if not single_replica:
+            rollback += list(online) + list(self.optimizer.variables)
+        saved = [tf.identity(v) for v in rollback]
         # The target needs no gradient: run it before the tape so nothing of it is recorded.
         targets = (self._target(x1, True), self._target(x2, True)) if self.ema else None
         with tf.GradientTape() as tape:
@@ -209,20 +272,60 @@ class _NonContrastive(keras.Model):
             total = total / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, total.dtype)
             scaled = self.optimizer.scale_loss(total)
         gradients = tape.gradient(scaled, online)
-        self.optimizer.apply_gradients(zip(gradients, online))
+        # A loss-scale optimizer (mixed_float16) skips overflowing scaled gradients itself and
+        # lowers its scale: only the loss decides here then.
+        scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        finite = all_finite_across_replicas([total] + ([] if scaling else list(gradients)))
+        self._apply(finite, gradients, online, single_replica)
+        for variable, value in zip(rollback, saved):
+            variable.assign(tf.where(finite, variable, value))
         if isinstance(self.predictor, DirectPredictor):
             # One row per loss term (input, target): a local view enters twice, once per target.
             inputs, outputs = [z1, z2], [t2, t1]
             for z in (z_locals[0] if z_locals else ()):
                 inputs += [z, z]
                 outputs += [t1, t2]
-            self.predictor.update(tf.concat(inputs, 0), tf.concat(outputs, 0))
+            self.predictor.update(tf.concat(inputs, 0), tf.concat(outputs, 0), skip=tf.logical_not(finite))
         if self.ema:
-            self.update_target(tau)
-        self.loss_tracker.update_state(loss)
-        self.std_tracker.update_state(projection_std(z1))
+            self.update_target(tf.where(finite, tf.cast(tau, tf.float32), 1.0))  # tau = 1: unchanged
+        skipped = tf.cast(tf.logical_not(finite), "int64")
+        self.nonfinite_steps.assign_add(skipped)
+        self.consecutive_nonfinite_steps.assign((self.consecutive_nonfinite_steps + 1) * skipped)
+        graph_warning(tf.logical_not(finite), f"{self.name}: a training step had a non-finite loss or "
+                      "gradients; the whole update was skipped.")
+        weight = tf.cast(finite, tf.float32)
+        self.loss_tracker.update_state(tf.where(finite, tf.cast(loss, tf.float32), 0.0), sample_weight=weight)
+        self.std_tracker.update_state(tf.where(finite, projection_std(z1), 0.0), sample_weight=weight)
         return step_logs({"loss": self.loss_tracker.result(), "projection_std": self.std_tracker.result(),
-                          "tau": tau, "learning_rate": tf.cast(self.optimizer.learning_rate, tf.float32)})
+                          "tau": tau, "learning_rate": tf.cast(self.optimizer.learning_rate, tf.float32),
+                          "nonfinite_steps": tf.cast(self.nonfinite_steps, tf.float32)})
+
+    def _apply(self, finite, gradients, variables, single_replica):
+        """The optimizer step, taken only if ``finite``.
+
+        One replica branches around it (no cost). Several replicas cannot: the optimizer
+        all-reduces the gradients, a synchronisation point that TensorFlow forbids inside a
+        replica's ``tf.cond``; there the step is taken and ``train_step`` writes the old values
+        back (``tf.where``), the same decision on every replica.
+        """
+        if single_replica:
+            def step():
+                self.optimizer.apply_gradients(zip(gradients, variables))
+                return tf.constant(True)
+
+            tf.cond(finite, step, lambda: tf.constant(False))
+        else:
+            self.optimizer.apply_gradients(zip(gradients, variables))
+
+    def _state_written_by_forward(self):
+        """Non-trainable variables the training-mode forward passes write (BatchNorm moving
+        statistics of the online and target networks; a DirectPredictor writes nothing there)."""
+        networks = [self.encoder, self.projector]
+        if not isinstance(self.predictor, DirectPredictor):
+            networks.append(self.predictor)
+        if self.ema:
+            networks += [self.target_encoder, self.target_projector]
+        return [v for network in networks for v in network.non_trainable_weights]
 
     def test_step(self, data):
         x1, x2, local_views = self._views(data)
@@ -256,7 +359,9 @@ class _NonContrastive(keras.Model):
             target.assign(t * target + (1.0 - t) * tf.cast(online, target.dtype))
 
     def fit(self, x=None, y=None, epochs=1, steps_per_epoch=None, **kwargs):
-        """``keras.Model.fit``; also sets ``total_steps`` for the cosine EMA schedule if unset."""
+        """``keras.Model.fit``; also sets ``total_steps`` for the cosine EMA schedule if unset,
+        and stops with `NonFiniteTrainingError` after ``max_consecutive_nonfinite`` skipped steps."""
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StopOnNonFinite(self.max_consecutive_nonfinite)]
         check_fit_length(x, steps_per_epoch, self.distribute_strategy)  # see distribute.py
         if self.ema and self.tau_schedule == "cosine" and int(self.total_steps.numpy()) == 0:
             steps = steps_per_epoch
@@ -297,7 +402,8 @@ class _NonContrastive(keras.Model):
             predictor=serialize(self.predictor), loss=self.loss_kind, ema=self.ema,
             tau_base=self.tau_base, tau_schedule=self.tau_schedule,
             total_steps=int(self.total_steps.numpy()) or None,
-            target_batchnorm=self.target_batchnorm, forward_views_together=self.forward_views_together)
+            target_batchnorm=self.target_batchnorm, forward_views_together=self.forward_views_together,
+            max_consecutive_nonfinite=self.max_consecutive_nonfinite)
         return config
 
     @classmethod

@@ -154,13 +154,17 @@ class DirectPredictor(keras.layers.Layer):
             stats.append(tf.matmul(f, g, transpose_a=True) / n)
         return self._reduce(stats)
 
-    def update_statistics(self, projections, target_projections=None):
+    def update_statistics(self, projections, target_projections=None, skip=False):
         """Fold one batch of (detached) online projections into the running statistics.
 
-        ``projections``: [N, d], both views concatenated. Returns a bool tensor: folded.
+        ``projections``: [N, d], both views concatenated. ``skip`` (bool or bool tensor): the
+        caller skipped this training step (e.g. a non-finite loss), so nothing is folded and
+        nothing is counted here. Returns a bool tensor: folded.
         """
         stats = self.batch_statistics(projections, target_projections)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(s)) for s in stats])
+        skip = tf.convert_to_tensor(skip, tf.bool)
+        finite_stats = tf.reduce_all([tf.reduce_all(tf.math.is_finite(s)) for s in stats])
+        finite = tf.logical_and(finite_stats, tf.logical_not(skip))
         variables = [self.correlation]
         if self.zero_mean:
             variables.append(self.mean)
@@ -180,7 +184,7 @@ class DirectPredictor(keras.layers.Layer):
             new = old + weight_new * (batch - old)
             variable.assign(tf.cast(tf.where(finite, new, old), _STATE_DTYPE))
         self.num_updates.assign_add(tf.cast(finite, "int64"))
-        self._report_skip(tf.logical_not(finite),
+        self._report_skip(tf.logical_and(tf.logical_not(finite_stats), tf.logical_not(skip)),
                           "non-finite batch statistics; the correlation update was skipped")
         return finite
 
@@ -237,18 +241,19 @@ class DirectPredictor(keras.layers.Layer):
                           "non-finite correlation or kernel; the predictor refresh was skipped")
         return ok
 
-    def update(self, projections, target_projections=None):
+    def update(self, projections, target_projections=None, skip=False):
         """One training step's update: fold the statistics, then refresh if due.
 
         The kernel is refreshed on updates 0, freq, 2 freq, ... (the code's
-        ``niter % freq == 0``) unless that batch was skipped as non-finite. Returns a bool
-        tensor: the kernel was refreshed.
+        ``niter % freq == 0``) unless that batch was skipped as non-finite, or the caller
+        skipped the step (``skip``: then the step counter stays too). Returns a bool tensor:
+        the kernel was refreshed.
         """
-        folded = self.update_statistics(projections, target_projections)
+        folded = self.update_statistics(projections, target_projections, skip=skip)
         # A skipped batch skips its refresh too: the kernel stays exactly as it was.
         due = tf.logical_and(folded, tf.equal(self.step % self.freq, 0))
         refreshed = self._refresh(due)
-        self.step.assign_add(1)
+        self.step.assign_add(tf.cast(tf.logical_not(tf.convert_to_tensor(skip, tf.bool)), "int64"))
         return refreshed
 
     def _report_skip(self, skipped, message):
