@@ -11,6 +11,7 @@ takes plain arguments.
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
@@ -38,11 +39,27 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import runner  # imports TensorFlow: after flag parsing, so --help is fast
+    try:
+        config = runner_flags.resolved(FLAGS)
+        import runner  # imports TensorFlow: after flag parsing, so --help is fast
 
-    config = runner_flags.resolved(FLAGS)
-    runner.run(config)
+        runner.run(config)
+    except runner_flags.ConfigError as error:
+        _fail(error, status=2)
+    except Exception as error:  # only the runner's own divergence stop; anything else is a bug
+        if type(error).__name__ != "TrainingDivergedError":
+            raise
+        _fail(error, status=3)
+
+
+def _fail(error, status):
+    """One line on stderr and a non-zero exit: a configuration error (2) or divergence (3).
+    --debug shows the traceback as well."""
+    if FLAGS.debug:
+        import traceback
+        traceback.print_exc()
+    print(f"run.py: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ Work directory layout:
     encoder/              the exported SavedModel (serve: images -> embeddings)
     report.json, report.md, plots/*.png
 """
+import csv
 import hashlib
 import json
 import os
+import sys
 import time
+import types
 
 import keras
 import numpy as np
@@ -23,10 +26,15 @@ from keras_ncssl import (augment, data, distribute, encoders, evaluation, export
                          predictors, schedules)
 from keras_ncssl.callbacks import SpectrumMonitor
 from keras_ncssl.checkpoint import TrainingCheckpoint, write_json_atomic
+from runner_flags import ConfigError
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(ConfigError):
     """The work directory belongs to a run with different training flags."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training stopped on non-finite losses or weights; the newest checkpoint is finite."""
 
 
 def _path(config, *parts):
@@ -47,7 +55,12 @@ def _epoch_seed(seed, epoch):
 # -- set-up ------------------------------------------------------------------------------------
 
 def check_workdir(config):
-    """Create the workdir or check it belongs to this configuration; never overwrite."""
+    """Create the workdir or check it belongs to this configuration; never overwrite.
+
+    Training flags must match the workdir's, except those named in --allow_changes (from
+    runner_flags.RESUMABLE): a change is recorded in flags.json's "history" and becomes the
+    workdir's value. Raises ConfigError (one line) before anything is written.
+    """
     flags_path = _path(config, "flags.json")
     training = runner_flags.training_subset(config)
     if os.path.exists(flags_path):
@@ -56,23 +69,38 @@ def check_workdir(config):
         # A flag added after the workdir was made is taken at its default there.
         saved_training = {k: saved_training.get(k, runner_flags.default(k)) for k in training}
         diff = {k: (saved_training[k], v) for k, v in training.items() if saved_training[k] != v}
-        if diff:
-            lines = "\n".join(f"  --{k}: workdir has {a!r}, this run asks {b!r}" for k, (a, b) in sorted(diff.items()))
+        allowed = {k: d for k, d in diff.items() if k in config["allow_changes"]}
+        refused = {k: d for k, d in diff.items() if k not in allowed}
+        if refused:
+            lines = "; ".join(f"--{k}: workdir has {a!r}, this run asks {b!r}" for k, (a, b) in sorted(refused.items()))
+            resumable = [k for k in refused if k in runner_flags.RESUMABLE]
+            hint = (f" (or, to change {', '.join(resumable)} on resume, add --allow_changes={','.join(resumable)})"
+                    if resumable else "")
             raise ConfigMismatchError(
-                f"work directory {config['workdir']} belongs to a different configuration:\n{lines}\n"
-                "Use a new --workdir, or repeat the original flags to resume it. Nothing was changed.")
+                f"--workdir={config['workdir']} belongs to a different configuration: {lines}. Use a new --workdir, "
+                f"or repeat the original flags to resume it{hint}. Nothing was changed.")
+        if allowed and config["mode"] in ("all", "pretrain"):
+            saved["training"].update({k: b for k, (a, b) in allowed.items()})
+            saved.setdefault("history", []).append({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "changes": {k: {"from": a, "to": b} for k, (a, b) in sorted(allowed.items())}})
+            write_json_atomic(flags_path, saved)
+            print("Changed on resume (recorded in flags.json): "
+                  + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(allowed.items())), flush=True)
         return
     if config["mode"] not in ("all", "pretrain"):
-        raise ValueError(f"--mode={config['mode']} needs an existing work directory with a pretrained "
-                         f"model; {config['workdir']} has no flags.json. Run --mode=pretrain (or all) first.")
+        raise ConfigError(f"--mode={config['mode']} needs an existing work directory with a pretrained model; "
+                          f"--workdir={config['workdir']} has no flags.json. Run --mode=pretrain (or all) first.")
     os.makedirs(config["workdir"], exist_ok=True)
     write_json_atomic(flags_path, {"training": training, "all": config})
 
 
 def load_data(config):
+    options = {"download": True} if config["download"] else {}
+    if config["dataset"] == "image_folder":
+        options["on_corrupt"] = config["on_corrupt"]
     return data.load_dataset(config["dataset"], data_dir=config["data_dir"],
-                             validation_fraction=config["validation_fraction"], seed=0,
-                             **({"download": True} if config["download"] else {}))
+                             validation_fraction=config["validation_fraction"], seed=0, **options)
 
 
 def get_strategy(config):
@@ -145,7 +173,8 @@ def build_model(config, total_steps, steps_per_epoch, strategy):
     projector = heads.projector(encoder.output_shape[-1], config["projector_hidden"], config["projection_dim"],
                                 synchronized_bn=sync, bn_affine=config["projector_bn_affine"])
     predictor = build_predictor(config, sync)
-    common = dict(forward_views_together=config["forward_views_together"])
+    common = dict(forward_views_together=config["forward_views_together"],
+                  max_consecutive_nonfinite=config["max_consecutive_nonfinite"])
     if config["method"] == "byol":
         model = models.BYOL(encoder, projector, predictor, tau_base=config["tau_base"],
                             tau_schedule=config["tau_schedule"], ema=config["ema"],
@@ -160,7 +189,7 @@ def build_model(config, total_steps, steps_per_epoch, strategy):
 
 def steps_per_epoch(config, splits, replicas):
     if config["batch_size"] % replicas:
-        raise ValueError(f"--batch_size={config['batch_size']} is not divisible by the {replicas} replicas "
+        raise ConfigError(f"--batch_size={config['batch_size']} is not divisible by the {replicas} replicas "
                          f"of --strategy={config['strategy']}; use a multiple of {replicas}.")
     n = splits.num_examples["pretrain"]
     if config["pretrain_limit"]:
@@ -169,7 +198,8 @@ def steps_per_epoch(config, splits, replicas):
     if config["steps_per_epoch"]:
         steps = min(steps, config["steps_per_epoch"])
     if steps < 1:
-        raise ValueError(f"--batch_size={config['batch_size']} exceeds the {n} pretraining images.")
+        raise ConfigError(f"--batch_size={config['batch_size']} exceeds the {n} pretraining images; use a "
+                          f"batch size <= {n}.")
     return steps
 
 
@@ -215,13 +245,68 @@ class _StepCheckpoint(keras.callbacks.Callback):
             self.save(self.step)
 
 
-def pretrain(config, strategy, splits):
+def _metric_sums(model):
+    """{name: [total, count]} of the model's running-mean metrics (loss, projection_std)."""
+    return {m.name: [float(m.total.numpy()), float(m.count.numpy())]
+            for m in model.metrics if isinstance(m, keras.metrics.Mean)}
+
+
+class _ResumeEpochMetrics(keras.callbacks.Callback):
+    """Puts back the running sums of an epoch interrupted after some steps, so that the resumed
+    epoch's logged means cover all of its steps, as an uninterrupted run's do (Keras resets the
+    metrics just before ``on_epoch_begin``)."""
+
+    def __init__(self, sums):
+        super().__init__()
+        self.sums = sums
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for metric in self.model.metrics:
+            if metric.name in self.sums:
+                total, count = self.sums[metric.name]
+                metric.total.assign(total)
+                metric.count.assign(count)
+        self.sums = {}
+
+
+def _write_history_csv(path, history):
+    """logs/history.csv, rewritten from the checkpointed records: one row per epoch, whatever
+    the interruptions (a resumed epoch is one row, never two)."""
+    columns = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def _fit_verbosity(config):
+    """--verbose=auto: Keras' progress bar in a terminal; elsewhere (a file, make, CI) none, so
+    the log holds only the runner's line per epoch instead of megabytes of redraws."""
+    if config["verbose"] == "auto":
+        return 1 if sys.stdout.isatty() else 0
+    return int(config["verbose"])
+
+
+def _non_finite_weights(model):
+    """Paths of the model's floating-point weights that hold a NaN or Inf."""
+    return [v.path for v in model.weights
+            if "float" in str(v.dtype) and not np.all(np.isfinite(np.asarray(v.numpy())))]
+
+
+def _diverged(config, message):
+    return TrainingDivergedError(
+        f"{message} No checkpoint with non-finite weights was written: the newest one in "
+        f"{_path(config, 'checkpoints')} is the last finite state. To resume from it with a lower learning rate, "
+        f"rerun the same command with --lr={config['lr'] / 10:g} --allow_changes=lr.")
+
+
+def pretrain(config, strategy, splits, model):
     steps = steps_per_epoch(config, splits, strategy.num_replicas_in_sync)
-    total = steps * config["epochs"]
-    if config["mixed_precision"] != "none":
-        keras.config.set_dtype_policy(config["mixed_precision"])
-    with strategy.scope():
-        model = build_model(config, total, steps, strategy)
     # Every worker saves (the save is collective); only the chief writes the real directory.
     checkpoint = TrainingCheckpoint(distribute.worker_path(_path(config, "checkpoints"), strategy), model,
                                     config["keep_checkpoints"])
@@ -230,6 +315,14 @@ def pretrain(config, strategy, splits):
                                                 "images_trained": 0}) if state is None else state
     if state is not None:
         print(f"Resuming {config['workdir']} at epoch {start_epoch + 1}, step {start_step}/{steps}.")
+        try:  # a constant --lr is an optimizer variable, restored with the checkpoint: --lr rules
+            model.optimizer.learning_rate = config["lr"]
+        except TypeError:  # a schedule: rebuilt from the flags, nothing was restored
+            pass
+    if state is None and (os.path.exists(_path(config, "pretrain.json"))
+                          or os.path.exists(_path(config, "logs", "history.csv"))):
+        print(f"WARNING: {config['workdir']} has a training history but no checkpoint: training restarts from "
+              "scratch and its history is rewritten.", file=sys.stderr, flush=True)
     if start_epoch >= config["epochs"]:
         print(f"Pretraining already complete ({config['epochs']} epochs).")
         return model
@@ -249,21 +342,43 @@ def pretrain(config, strategy, splits):
             knn.set_model(model)
             records["knn_top1_at_init"] = float(knn.evaluate())
             print(f"kNN monitor before training: {records['knn_top1_at_init']:.4f}", flush=True)
-    callbacks += [keras.callbacks.TensorBoard(_path(config, "logs")),
-                  keras.callbacks.CSVLogger(_path(config, "logs", "history.csv"), append=True)]
+    callbacks += [keras.callbacks.TensorBoard(_path(config, "logs"))]
     os.makedirs(_path(config, "logs"), exist_ok=True)
+    verbose = _fit_verbosity(config)
 
     def save(epoch, step_in_epoch):
+        bad = _non_finite_weights(model)  # the train step skips non-finite updates, but a finite
+        if bad:                           # update can still overflow the weights it is added to
+            where = f"epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"the end of epoch {epoch}"
+            raise _diverged(config, f"training diverged at {where}: {len(bad)} "
+                                    f"weight tensor(s) are no longer finite ({', '.join(bad[:3])}).")
+        if int(model.consecutive_nonfinite_steps.numpy()):
+            # Steps are being skipped: perhaps the start of a divergence. The newest checkpoint
+            # stays the last one taken before it.
+            where = f"epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"the end of epoch {epoch}"
+            print(f"Not checkpointing at {where}: the last step was skipped as non-finite.", file=sys.stderr, flush=True)
+            return
         records["spectrum"] = monitor.records
+        if step_in_epoch:
+            records["partial_epoch"] = {"epoch": epoch, "step": step_in_epoch, "metric_sums": _metric_sums(model)}
+        else:
+            records.pop("partial_epoch", None)
         checkpoint.save(epoch, step_in_epoch, records, number=epoch * steps + step_in_epoch)
 
     for epoch in range(start_epoch, config["epochs"]):
         first = start_step if epoch == start_epoch else 0
         dataset = pretrain_input(config, splits, epoch).skip(first).take(steps - first)
         step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config["checkpoint_every_steps"], first)
+        extra = [step_saver]
+        partial = records.get("partial_epoch")
+        if first and partial and (partial["epoch"], partial["step"]) == (epoch, first):
+            extra.append(_ResumeEpochMetrics(partial["metric_sums"]))
         began = time.perf_counter()
-        history = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - first,
-                            callbacks=callbacks + [step_saver], verbose=config["verbose"])
+        try:
+            history = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - first,
+                                callbacks=callbacks + extra, verbose=verbose)
+        except models.NonFiniteTrainingError as error:
+            raise _diverged(config, f"epoch {epoch + 1}/{config['epochs']}: {error}") from None
         seconds = time.perf_counter() - began
         logs = {k: float(v[-1]) for k, v in history.history.items()}
         logs.update(epoch=epoch + 1, seconds=seconds, images_per_sec=(steps - first) * config["batch_size"] / seconds)
@@ -271,8 +386,12 @@ def pretrain(config, strategy, splits):
         records["train_seconds"] += seconds
         records["images_trained"] += (steps - first) * config["batch_size"]
         save(epoch + 1, 0)
+        if distribute.is_chief(strategy):
+            _write_history_csv(_path(config, "logs", "history.csv"), records["history"])
         summary = " ".join(f"{k}={logs[k]:.4g}" for k in ("loss", "projection_std", "knn_top1", "effective_rank")
                            if k in logs)
+        if logs.get("nonfinite_steps"):
+            summary += f" nonfinite_steps={int(logs['nonfinite_steps'])}"
         print(f"epoch {epoch + 1}/{config['epochs']}: {summary} ({seconds:.0f}s, "
               f"{logs['images_per_sec']:.0f} img/s)", flush=True)
     if not distribute.is_chief(strategy):
@@ -285,18 +404,37 @@ def pretrain(config, strategy, splits):
     return model
 
 
-def restore_for_eval(config, splits):
-    """The trained model from the newest checkpoint (under the default strategy)."""
+def restore_for_eval(config, splits, model):
+    """Restore the newest checkpoint into ``model``; refuse a partial one unless --allow_partial.
+
+    Returns {"step", "total_steps", "complete"}: which training step the encoder comes from.
+    """
     steps = steps_per_epoch(config, splits, 1)
-    model = build_model(config, steps * config["epochs"], steps, tf.distribute.get_strategy())
-    state = TrainingCheckpoint(_path(config, "checkpoints"), model).restore()
+    total = steps * config["epochs"]
+    checkpoint = TrainingCheckpoint(_path(config, "checkpoints"), model)
+    state = checkpoint.restore()
     if state is None:
-        raise ValueError(f"{config['workdir']} has no checkpoint to evaluate: run --mode=pretrain first.")
-    return model
+        raise ConfigError(f"--mode={config['mode']}: --workdir={config['workdir']} has no checkpoint to evaluate; "
+                          "run --mode=pretrain first.")
+    epoch, step_in_epoch, _ = state
+    step = epoch * steps + step_in_epoch
+    newest = checkpoint.fell_back_from
+    complete = step >= total and newest is None
+    if not complete and not config["allow_partial"]:
+        why = (f"its newest checkpoint ({os.path.basename(newest)}) could not be read, and the newest readable one"
+               if newest else "its training is unfinished: the newest checkpoint")
+        raise ConfigError(f"--mode={config['mode']}: --workdir={config['workdir']}: {why} is at step {step} of "
+                          f"{total}. Finish training (rerun with --mode=pretrain), or pass --allow_partial to "
+                          f"{config['mode']} the step-{step} model.")
+    if not complete:
+        print(f"WARNING: --allow_partial: using the model of step {step} of {total}.", file=sys.stderr, flush=True)
+    return {"step": step, "total_steps": total, "complete": complete}
 
 
-def evaluate(config, model, splits):
-    """Linear probe, kNN and few-label probe for the trained encoder and the two baselines."""
+def evaluate(config, model, splits, trained_step=None):
+    """Linear probe, kNN and few-label probe for the trained encoder and the two baselines.
+
+    ``trained_step``: {"step", "total_steps", "complete"}, recorded in eval.json."""
     limit = config["probe_train_limit"] or None
     train = eval_arrays(config, splits, "train", limit)
     val, test = eval_arrays(config, splits, "validation"), eval_arrays(config, splits, "test")
@@ -322,6 +460,7 @@ def evaluate(config, model, splits):
         mean, std = np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
         native = [(((x / 255.0 - mean) / std).astype(np.float32), y) for x, y in native]
         results["raw_pixels"] = evaluation.evaluate_raw_pixels(*native, **options)
+    results["encoder_step"] = trained_step
     write_json_atomic(_path(config, "eval.json"), results)
     t = results["trained"]
     print(f"linear probe {t['linear_probe_top1']:.4f}  kNN {t['knn_top1']:.4f}  "
@@ -335,23 +474,70 @@ def export_stage(config, model):
     return path
 
 
-def run(config):
-    """Run the stages --mode asks for on --workdir."""
+def preflight(config):
+    """Everything that can fail on bad input, checked before the work directory is touched.
+
+    The strategy (it must configure devices before TensorFlow starts), the data, the batch's
+    divisibility, the model itself (built once here and used by the stages) and, for
+    eval/export of an existing run, its checkpoint. Any failure is a ConfigError naming the
+    flags involved; run.py prints it as one line.
+    """
     mode = config["mode"]
-    # Everything that can fail on bad input fails here, before the workdir is touched:
-    # the strategy (it must configure devices before TensorFlow starts), the data, the batch.
-    strategy = get_strategy(config) if mode in ("all", "pretrain") else None
-    splits = load_data(config) if mode != "report" else None
-    if strategy is not None:
-        steps_per_epoch(config, splits, strategy.num_replicas_in_sync)
+    training = mode in ("all", "pretrain")
+    prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None)
+    if training:
+        prepared.strategy = _config_errors(f"--strategy={config['strategy']}", lambda: get_strategy(config))
+    if mode == "report":
+        return prepared
+    try:
+        prepared.splits = _config_errors(f"--dataset={config['dataset']}"
+                                         + (f" --data_dir={config['data_dir']}" if config["data_dir"] else ""),
+                                         lambda: load_data(config))
+    except ConfigError as error:  # the library names its argument; a runner user needs the flag
+        raise ConfigError(str(error).replace("on_corrupt='skip'", "--on_corrupt=skip")) from None
+    strategy = prepared.strategy or tf.distribute.get_strategy()
+    steps = steps_per_epoch(config, prepared.splits, strategy.num_replicas_in_sync)
+    if config["encoder"] not in encoders.ENCODERS:
+        raise ConfigError(f"--encoder={config['encoder']}: unknown; choose one of {', '.join(sorted(encoders.ENCODERS))}.")
+    if config["mixed_precision"] != "none":
+        keras.config.set_dtype_policy(config["mixed_precision"])
+
+    def build():
+        with strategy.scope():
+            return build_model(config, steps * config["epochs"], steps, strategy)
+
+    prepared.model = _config_errors("the model of these flags (--encoder, --predictor, --eps ...)", build)
+    return prepared
+
+
+def _config_errors(what, fn):
+    """fn(), with the input errors it raises (ValueError, a missing file, a device set-up that
+    cannot be done) turned into a one-line ConfigError that starts with ``what``."""
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(f"{what}: {text}") from error
+
+
+def run(config):
+    """Run the stages --mode asks for on --workdir (see preflight for what is checked first)."""
+    mode = config["mode"]
+    prepared = preflight(config)
     check_workdir(config)
-    model = None
+    model, splits = prepared.model, prepared.splits
+    if mode in ("eval", "export"):
+        prepared.trained_step = restore_for_eval(config, splits, model)
     if mode in ("all", "pretrain"):
-        model = pretrain(config, strategy, splits)
-    if mode in ("all", "eval", "export") and model is None:
-        model = restore_for_eval(config, splits)
+        model = pretrain(config, prepared.strategy, splits, model)
+    if mode == "all":
+        steps = steps_per_epoch(config, splits, prepared.strategy.num_replicas_in_sync)
+        prepared.trained_step = {"step": steps * config["epochs"], "total_steps": steps * config["epochs"],
+                                 "complete": True}
     if mode in ("all", "eval"):
-        evaluate(config, model, splits)
+        evaluate(config, model, splits, prepared.trained_step)
     if mode in ("all", "export"):
         export_stage(config, model)
     if mode in ("all", "report"):

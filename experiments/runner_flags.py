@@ -1,13 +1,29 @@
 """Every flag of experiments/run.py, and their validation before anything runs.
 
 Flags are grouped: TRAINING flags define the pretraining run and must match an existing
-workdir's; the others (stage, evaluation, logging) may change between invocations.
+workdir's (except those in RESUMABLE, which ``--allow_changes`` lets a resumed run change);
+the others (stage, evaluation, logging) may change between invocations.
+
+Every check here is on the values alone (no TensorFlow); `runner.preflight` checks what needs
+the data, the devices or the model, all before the work directory is touched.
 """
+import math
+import os
+
 from absl import flags
 
 from keras_ncssl import augment
 
 TRAINING = []  # names of flags that define the pretraining run
+# Training flags a resumed run may change (--allow_changes): they enter no saved state. The
+# optimizer's learning-rate variable is re-set from --lr after a restore (runner.pretrain).
+RESUMABLE = ("lr", "momentum", "weight_decay")
+
+
+class ConfigError(ValueError):
+    """A flag value (or combination) that cannot run; the message names the flag and the fix.
+
+    run.py prints it as one line and exits with status 2, nothing written."""
 
 
 def _training(define, name, *args, **kwargs):
@@ -25,7 +41,18 @@ flags.DEFINE_string("strategy", "default", "default | cpu:N | mirrored | multi_w
 flags.DEFINE_string("tpu_address", None, "TPU address for --strategy=tpu.")
 flags.DEFINE_string("data_dir", None, "Data directory (tfds data_dir, image folder root, ...).")
 flags.DEFINE_bool("download", False, "Let tensorflow-datasets download a missing dataset.")
-flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
+                  "Keras fit output: 0 none, 1 progress bar, 2 Keras' line per epoch; auto = the progress bar in a "
+                  "terminal, otherwise (a file, a pipe, make, CI) only the runner's one line per epoch.")
+flags.DEFINE_list("allow_changes", [], "Training flags this run may change on an existing workdir (resume), "
+                  f"from: {', '.join(RESUMABLE)}; each change is recorded in flags.json's history.")
+flags.DEFINE_bool("allow_partial", False, "Let --mode=eval/export use a workdir whose training is unfinished "
+                  "(or whose newest checkpoint was unreadable): the report records the step used.")
+flags.DEFINE_integer("max_consecutive_nonfinite", 20, "Stop (diverged) after this many consecutive training steps "
+                     "with a non-finite loss or gradients; each is skipped (0 = never stop).")
+flags.DEFINE_enum("on_corrupt", "raise", ["raise", "skip"], "--dataset=image_folder: an unreadable image "
+                  "fails the run (raise) or is skipped and counted (skip).")
+flags.DEFINE_bool("debug", False, "Show Python tracebacks for configuration errors too.")
 # -- data --------------------------------------------------------------------------------------
 _training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry name (keras_ncssl.data).")
 _training(flags.DEFINE_integer, "image_size", 32, "Encoder input size (pixels).")
@@ -98,8 +125,39 @@ flags.DEFINE_bool("eval_baselines", True, "Also evaluate a random-init encoder a
 NAMES = [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]
 
 
+# (flag, lowest, highest, what the message says is allowed); None = unbounded.
+_RANGES = [
+    ("batch_size", 1, None, ">= 1"), ("epochs", 1, None, ">= 1"), ("image_size", 1, None, ">= 1"),
+    ("channels", 1, None, ">= 1"), ("projection_dim", 1, None, ">= 1"), ("projector_hidden", 1, None, ">= 1"),
+    ("predictor_hidden", 1, None, ">= 1"), ("steps_per_epoch", 0, None, ">= 0 (0 = a full pass)"),
+    ("pretrain_limit", 0, None, ">= 0 (0 = all)"), ("seed", 0, None, ">= 0"),
+    ("checkpoint_every_steps", 0, None, ">= 0 (0 = epoch ends only)"), ("keep_checkpoints", 1, None, ">= 1"),
+    ("knn_monitor_every", 0, None, ">= 0 (0 = off)"), ("knn_monitor_bank", 1, None, ">= 1"),
+    ("knn_monitor_queries", 1, None, ">= 1"), ("knn_k", 1, None, ">= 1"), ("few_label_per_class", 0, None, ">= 0"),
+    ("few_label_draws", 1, None, ">= 1"), ("probe_train_limit", 0, None, ">= 0 (0 = all)"),
+    ("max_consecutive_nonfinite", 0, None, ">= 0 (0 = never stop)"), ("rule_iterations", 0, None, ">= 0 (0 = default)"),
+    ("lr", 0.0, None, "> 0"), ("momentum", 0.0, 1.0, "in [0, 1)"), ("weight_decay", 0.0, None, ">= 0"),
+    ("tau_base", 0.0, 1.0, "in [0, 1]"), ("warmup_epochs", 0.0, None, ">= 0"),
+    ("predictor_lr_multiplier", 0.0, None, "> 0"), ("predictor_ema", 0.0, 1.0, "in [0, 1)"),
+    ("knn_temperature", 0.0, None, "> 0"), ("power", 0.0, None, "> 0"), ("width_multiplier", 0.0, None, "> 0"),
+]
+_OPEN_LOW = {"lr", "predictor_lr_multiplier", "knn_temperature", "power", "width_multiplier"}
+_OPEN_HIGH = {"momentum", "predictor_ema"}
+
+
+def _check_ranges(config):
+    """Every numeric flag finite and in its range (a NaN learning rate would train on NaN)."""
+    for name, low, high, allowed in _RANGES:
+        value = config[name]
+        bad = isinstance(value, float) and not math.isfinite(value)
+        bad = bad or (low is not None and (value < low or (name in _OPEN_LOW and value == low)))
+        bad = bad or (high is not None and (value > high or (name in _OPEN_HIGH and value == high)))
+        if bad:
+            raise ConfigError(f"--{name}={value}: must be {allowed}.")
+
+
 def resolved(values):
-    """A plain dict of every flag of this module, validated; raises ValueError naming the fix."""
+    """A plain dict of every flag of this module, validated; raises ConfigError naming the fix."""
     config = {name: values[name].value for name in NAMES}
     rho = str(config["rho"]).lower()
     if rho == "none":
@@ -108,28 +166,54 @@ def resolved(values):
         try:
             config["rho"] = float(rho)
         except ValueError:
-            raise ValueError(f"--rho={config['rho']!r}: give a number in [0, 1) or 'none'.") from None
+            raise ConfigError(f"--rho={config['rho']!r}: give a number in [0, 1) or 'none'.") from None
         if not 0.0 <= config["rho"] < 1.0:
-            raise ValueError(f"--rho={config['rho']}: must be in [0, 1) (or 'none' for a running average).")
+            raise ConfigError(f"--rho={config['rho']}: must be in [0, 1) (or 'none' for a running average).")
     if config["freq"] < 1:
-        raise ValueError(f"--freq={config['freq']}: must be an integer >= 1 (1 = refresh every step).")
-    for name in ("batch_size", "epochs", "image_size", "channels", "projection_dim"):
-        if config[name] < 1:
-            raise ValueError(f"--{name}={config[name]}: must be >= 1.")
+        raise ConfigError(f"--freq={config['freq']}: must be an integer >= 1 (1 = refresh every step).")
+    _check_ranges(config)
+    if not math.isfinite(config["eps"]) or (config["eps"] < 0 and not config["eps_inside"]):
+        raise ConfigError(f"--eps={config['eps']}: must be a number >= 0 (the eps I added to the predictor; "
+                          "a negative shift only with --predictor=directpred --eps_inside).")
+    if config["eps_inside"] and config["predictor"] != "directpred":
+        raise ConfigError(f"--eps_inside applies to --predictor=directpred only (got --predictor={config['predictor']}).")
     if not 0.0 < config["validation_fraction"] < 1.0:
-        raise ValueError(f"--validation_fraction={config['validation_fraction']}: must be in (0, 1).")
+        raise ConfigError(f"--validation_fraction={config['validation_fraction']}: must be in (0, 1).")
     if config["synchronized_bn"] not in ("auto", "true", "false"):
-        raise ValueError(f"--synchronized_bn={config['synchronized_bn']!r}: choose auto, true or false.")
+        raise ConfigError(f"--synchronized_bn={config['synchronized_bn']!r}: choose auto, true or false.")
     if config["stem_stride"] not in (1, 2):
-        raise ValueError(f"--stem_stride={config['stem_stride']}: choose 1 or 2.")
+        raise ConfigError(f"--stem_stride={config['stem_stride']}: choose 1 or 2.")
     if config["stem_stride"] != 2 and config["encoder"] != "small":
-        raise ValueError(f"--stem_stride={config['stem_stride']} applies to --encoder=small only "
-                         f"(got --encoder={config['encoder']}; ResNets take --stem=cifar|imagenet).")
+        raise ConfigError(f"--stem_stride={config['stem_stride']} applies to --encoder=small only "
+                          f"(got --encoder={config['encoder']}; ResNets take --stem=cifar|imagenet).")
     _check_augmentation(config)
     _check_small_encoder(config)
-    if not 0.0 <= config["tau_base"] <= 1.0:
-        raise ValueError(f"--tau_base={config['tau_base']}: must be in [0, 1].")
+    _check_paths(config)
+    unknown = sorted(set(config["allow_changes"]) - set(RESUMABLE))
+    if unknown:
+        raise ConfigError(f"--allow_changes={','.join(config['allow_changes'])}: {', '.join(unknown)} cannot change "
+                          f"on resume (allowed: {', '.join(RESUMABLE)}); start a new --workdir instead.")
     return config
+
+
+def _check_paths(config):
+    """--workdir must be (or become) a directory; a given --data_dir must exist."""
+    workdir = os.path.expanduser(config["workdir"])
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={config['workdir']}: exists and is not a directory; give a directory "
+                          "(new or a previous run's).")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent if not os.path.isdir(workdir) else workdir, os.W_OK):
+        raise ConfigError(f"--workdir={config['workdir']}: not writable here; choose a directory you can write.")
+    config["workdir"] = workdir
+    if config["data_dir"] is not None:
+        data_dir = os.path.expanduser(config["data_dir"])
+        if not os.path.exists(data_dir) and not config["download"]:
+            raise ConfigError(f"--data_dir={config['data_dir']}: no such directory; give the directory that holds "
+                              f"the {config['dataset']} data (or omit --data_dir for the default location).")
+        config["data_dir"] = data_dir
 
 
 def _check_augmentation(config):
@@ -139,18 +223,18 @@ def _check_augmentation(config):
     try:
         augment.with_view_options(config["augment"], config["augment_options"])
     except ValueError as error:
-        raise ValueError(f"--augment={config['augment']!r} --augment_options={config['augment_options']!r}: "
+        raise ConfigError(f"--augment={config['augment']!r} --augment_options={config['augment_options']!r}: "
                          f"{error}") from None
     if config["local_views"] < 0:
-        raise ValueError(f"--local_views={config['local_views']}: must be >= 0 (0 = no multi-crop).")
+        raise ConfigError(f"--local_views={config['local_views']}: must be >= 0 (0 = no multi-crop).")
     if config["local_size"] == 1 or config["local_size"] < 0:
-        raise ValueError(f"--local_size={config['local_size']}: must be >= 2 pixels (or 0 = image_size // 2).")
+        raise ConfigError(f"--local_size={config['local_size']}: must be >= 2 pixels (or 0 = image_size // 2).")
     try:
         scale = tuple(float(v) for v in config["local_crop_scale"])
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"--local_crop_scale={','.join(map(str, config['local_crop_scale']))}: give two "
+        raise ConfigError(f"--local_crop_scale={','.join(map(str, config['local_crop_scale']))}: give two "
                          "area fractions low,high with 0 < low <= high <= 1, e.g. 0.1,0.4.") from None
 
 
@@ -158,16 +242,16 @@ def _check_small_encoder(config):
     """--widths (made ints here) and --convs_per_stage: the small CNN's architecture flags."""
     for name, default_value in {"widths": [], "convs_per_stage": 1}.items():
         if config[name] != default_value and config["encoder"] != "small":
-            raise ValueError(f"--{name}={config[name]} applies to --encoder=small only (got --encoder="
+            raise ConfigError(f"--{name}={config[name]} applies to --encoder=small only (got --encoder="
                              f"{config['encoder']}; ResNets take --width_multiplier).")
     try:
         config["widths"] = [int(w) for w in config["widths"]]
     except ValueError:
-        raise ValueError(f"--widths={','.join(config['widths'])}: give positive integers, e.g. 32,64,128,256.") from None
+        raise ConfigError(f"--widths={','.join(config['widths'])}: give positive integers, e.g. 32,64,128,256.") from None
     if any(w < 1 for w in config["widths"]):
-        raise ValueError(f"--widths={','.join(map(str, config['widths']))}: every width must be >= 1.")
+        raise ConfigError(f"--widths={','.join(map(str, config['widths']))}: every width must be >= 1.")
     if config["convs_per_stage"] < 1:
-        raise ValueError(f"--convs_per_stage={config['convs_per_stage']}: must be >= 1.")
+        raise ConfigError(f"--convs_per_stage={config['convs_per_stage']}: must be >= 1.")
 
 
 def default(name):

@@ -13,6 +13,8 @@ silently starts from scratch.
 """
 import json
 import os
+import re
+import shutil
 import tempfile
 import warnings
 
@@ -25,6 +27,9 @@ def write_json_atomic(path, payload):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
+        # mkstemp makes the file 0600; give it the usual umask's mode, as TensorFlow's
+        # checkpoints get, so that other workers and users of a shared workdir can read it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=1, default=float)
             handle.flush()
@@ -34,6 +39,12 @@ def write_json_atomic(path, payload):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -53,6 +64,7 @@ class TrainingCheckpoint:
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
                                               progress=self.progress)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+        self.fell_back_from = None  # after restore(): the newest checkpoint, if it was unreadable
 
     @staticmethod
     def _records_path(prefix):
@@ -66,7 +78,22 @@ class TrainingCheckpoint:
         prefix = os.path.join(self.directory, f"ckpt-{number}")
         write_json_atomic(self._records_path(prefix), {"epoch": epoch, "step_in_epoch": step_in_epoch,
                                                         "records": records})
-        return self.manager.save(checkpoint_number=number)
+        path = self.manager.save(checkpoint_number=number)
+        self._remove_leftovers()
+        return path
+
+    def _remove_leftovers(self):
+        """Records of checkpoints the manager has deleted, and the temporary directories of
+        saves that were killed midway (TensorFlow writes ``ckpt-N_temp/`` and renames it)."""
+        if not os.path.isdir(self.directory):
+            return
+        kept = {os.path.basename(p) for p in self.manager.checkpoints}
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if name.endswith(".records.json") and name[:-len(".records.json")] not in kept:
+                os.remove(path)
+            elif re.fullmatch(r"ckpt-\d+_temp.*", name) and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     def restore(self):
         """Restore the newest loadable checkpoint: (epoch, step_in_epoch, records) or None.
@@ -75,6 +102,7 @@ class TrainingCheckpoint:
         """
         candidates = list(reversed(self.manager.checkpoints))
         errors = []
+        self.fell_back_from = None
         for prefix in candidates:
             try:
                 with open(self._records_path(prefix)) as handle:
@@ -84,6 +112,7 @@ class TrainingCheckpoint:
                 errors.append(f"{prefix}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 warnings.warn(f"checkpoint {prefix} could not be restored ({errors[-1]}); "
                               "falling back to the previous one.", RuntimeWarning, stacklevel=2)
+                self.fell_back_from = self.fell_back_from or prefix
                 continue
             epoch, step = (int(v) for v in self.progress.numpy())
             if (epoch, step) != (side["epoch"], side["step_in_epoch"]):

@@ -20,8 +20,8 @@ the loss averages all 2 + 2M pairs (`losses.symmetric_loss`), and the DirectPred
 one row per loss term. The encoder must then accept both sizes: build it with
 ``input_shape=(None, None, channels)``.
 
-Non-finite steps: a step whose loss or gradients are not finite on any replica (a NaN pixel,
-an overflow) is skipped whole: optimizer, BatchNorm statistics, predictor and target EMA keep
+Non-finite steps: a step whose loss, gradients or new BatchNorm statistics are not finite on
+any replica (a NaN pixel, an overflow) is skipped whole: optimizer, BatchNorm statistics, predictor and target EMA keep
 their values, ``nonfinite_steps`` counts it and a warning is printed. After
 ``max_consecutive_nonfinite`` such steps in a row ``fit`` raises `NonFiniteTrainingError`
 (the run has diverged; skipping cannot help).
@@ -275,7 +275,10 @@ class _NonContrastive(keras.Model):
         # A loss-scale optimizer (mixed_float16) skips overflowing scaled gradients itself and
         # lowers its scale: only the loss decides here then.
         scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        finite = all_finite_across_replicas([total] + ([] if scaling else list(gradients)))
+        # The forward passes' new BatchNorm statistics count too: activations that overflow
+        # make an infinite moving variance while the normalised loss stays finite.
+        finite = all_finite_across_replicas([total] + self._state_written_by_forward()
+                                            + ([] if scaling else list(gradients)))
         self._apply(finite, gradients, online, single_replica)
         for variable, value in zip(rollback, saved):
             variable.assign(tf.where(finite, variable, value))

@@ -60,14 +60,14 @@ def _idx_path(directory: str, filename: str) -> str:
 def load_fashion_mnist(data_dir=None, validation_fraction=0.1, seed=0) -> DatasetSplits:
     """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017): 60k/10k 28x28x1, 10 classes, offline.
 
-    Looks, in order, in `data_dir` (and `data_dir/fashion-mnist`), the Debian package's
-    /usr/share/datasets/fashion-mnist, the Keras cache ~/.keras/datasets/fashion-mnist, and
-    finally a tfds copy prepared under `data_dir` (or tfds' default data dir).
+    With `data_dir`, looks only there: the IDX files in `data_dir` (or `data_dir/fashion-mnist`),
+    then a tfds copy prepared under `data_dir`. Without it, in the Debian package's
+    /usr/share/datasets/fashion-mnist, the Keras cache ~/.keras/datasets/fashion-mnist, then
+    tfds' default data dir.
     """
-    candidates = []
-    if data_dir:
-        candidates += [data_dir, os.path.join(data_dir, "fashion-mnist")]
-    candidates += list(FASHION_MNIST_DIRS)
+    # An explicit data_dir is the only place looked at: silently reading other files than the
+    # ones a user pointed to would be worse than failing.
+    candidates = [data_dir, os.path.join(data_dir, "fashion-mnist")] if data_dir else list(FASHION_MNIST_DIRS)
     directory = _find_idx_dir(candidates)
     if directory is not None:
         log.info("fashion_mnist: reading IDX files from %s", directory)
