@@ -365,6 +365,8 @@ class _NonContrastive(keras.Model):
         """``keras.Model.fit``; also sets ``total_steps`` for the cosine EMA schedule if unset,
         and stops with `NonFiniteTrainingError` after ``max_consecutive_nonfinite`` skipped steps."""
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StopOnNonFinite(self.max_consecutive_nonfinite)]
+        if isinstance(x, tf.data.Dataset):  # Keras ignores shuffle for datasets, with a warning each fit
+            kwargs.setdefault("shuffle", False)
         check_fit_length(x, steps_per_epoch, self.distribute_strategy)  # see distribute.py
         if self.ema and self.tau_schedule == "cosine" and int(self.total_steps.numpy()) == 0:
             steps = steps_per_epoch

@@ -1,4 +1,5 @@
 """experiments/run.py on a tiny digits configuration, as a subprocess: shared by the runner tests."""
+import copy
 import os
 import re
 import subprocess
@@ -53,3 +54,17 @@ def keep_only_checkpoint(workdir, number):
     with open(os.path.join(directory, "checkpoint"), "w") as handle:
         handle.write(f'model_checkpoint_path: "ckpt-{number}"\nall_model_checkpoint_paths: "ckpt-{number}"\n'
                      f"all_model_checkpoint_timestamps: {now - 1}\nlast_preserved_timestamp: {now - 1000}\n")
+
+
+def parse(*argv):
+    """The runner's flags parsed in-process, as run.py parses them (no TensorFlow start-up);
+    experiments/ is then importable (``import runner``)."""
+    if os.path.join(ROOT, "experiments") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from absl import flags
+    import runner_flags
+    values = flags.FlagValues()
+    for name in runner_flags.NAMES:
+        values[name] = copy.deepcopy(flags.FLAGS[name])  # the same definitions, fresh values
+    values(["run.py", *argv])
+    return runner_flags.resolved(values)

@@ -1,5 +1,4 @@
 """experiments/run.py end to end on digits: stages, report, export, resume, bad input."""
-import copy
 import json
 import os
 import re
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from run_tiny import ENV, ROOT, RUN, TINY, embeddings, run
+from run_tiny import ENV, ROOT, RUN, TINY, embeddings, parse, run
 
 
 @pytest.mark.slow
@@ -130,18 +129,6 @@ def test_workdir_of_another_configuration_is_refused_untouched(tmp_path):
     assert "already complete" in same.stdout
     other = run(workdir, "--mode=pretrain", "--epochs=1", "--steps_per_epoch=2", "--stem_stride=1", check=False)
     assert other.returncode != 0 and "--stem_stride: workdir has 2, this run asks 1" in other.stderr
-
-
-def parse(*argv):
-    """The runner's flags parsed in-process, as run.py parses them (no TensorFlow start-up)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    from absl import flags
-    import runner_flags
-    values = flags.FlagValues()
-    for name in runner_flags.NAMES:
-        values[name] = copy.deepcopy(flags.FLAGS[name])  # the same definitions, fresh values
-    values(["run.py", *argv])
-    return runner_flags.resolved(values)
 
 
 @pytest.mark.parametrize("flag,message", [

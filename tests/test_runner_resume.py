@@ -64,3 +64,43 @@ def test_a_corrupt_image_names_the_flag_that_skips_it(tmp_path):
     assert refused.returncode == 2 and "--on_corrupt=skip" in error_lines(refused)[0]
     assert not (tmp_path / "run").exists()
     run(tmp_path / "run", *flags, "--on_corrupt=skip")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["default", "cpu:2"])
+def test_the_runner_skips_a_batch_with_a_nan_pixel_and_trains_on(tmp_path, monkeypatch, strategy):
+    """In-process runner with one NaN pixel injected into the 3rd training batch of epoch 1."""
+    import tensorflow as tf
+
+    from run_tiny import TINY, parse
+
+    config = parse(*TINY, f"--workdir={tmp_path / 'run'}", "--mode=pretrain", "--epochs=2", "--steps_per_epoch=6",
+                   "--knn_monitor_every=0", f"--strategy={strategy}")
+    import runner  # importable after parse()
+    if strategy != "default" and len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs two logical CPUs")
+    original = runner.pretrain_input
+
+    def poisoned(config, splits, epoch):
+        def inject(index, views):
+            view1, view2 = views
+            bad = tf.logical_and(tf.equal(index, 2), tf.equal(epoch, 0))
+            mask = tf.scatter_nd([[0, 1, 1, 0]], [1.0], tf.shape(view1))
+            return tf.where(tf.logical_and(bad, mask > 0), tf.constant(np.nan, view1.dtype), view1), view2
+        return original(config, splits, epoch).enumerate().map(inject)
+
+    monkeypatch.setattr(runner, "pretrain_input", poisoned)
+    with pytest.warns(RuntimeWarning, match="1 training step"):
+        runner.run(config)
+    history = json.loads((tmp_path / "run" / "pretrain.json").read_text())["history"]
+    assert [h["nonfinite_steps"] for h in history] == [1.0, 1.0]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert all(np.all(np.isfinite(w)) for w in runner_model(runner, config).get_weights())
+
+
+def runner_model(runner, config):
+    """The trained model restored from the workdir's newest checkpoint."""
+    config = dict(config, mode="eval")
+    prepared = runner.preflight(config)
+    runner.restore_for_eval(config, prepared.splits, prepared.model)
+    return prepared.model
