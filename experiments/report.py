@@ -99,6 +99,8 @@ def write(config):
         "train_seconds": pretrain.get("train_seconds"),
         "images_per_sec": pretrain.get("images_per_sec"),
         "knn_monitor_at_init": pretrain.get("knn_top1_at_init"),
+        "runtime": pretrain.get("runtime"),
+        "encoder_step": evaluation.get("encoder_step"),
         "final_projection_std": history[-1].get("projection_std") if history else None,
         "final_effective_rank": spectrum[-1].get("effective_rank") if spectrum else None,
         "history": history,
@@ -126,6 +128,12 @@ def write(config):
     if pretrain:
         lines += ["## Training", "", f"Train time {pretrain['train_seconds']:.0f} s, "
                   f"{pretrain['images_per_sec']:.1f} images/s (a sample = a pair of views).", ""]
+        rt = pretrain.get("runtime")
+        if rt:
+            lines += [f"Precision `{rt['precision']}`; TensorFlow threads intra-op {rt['intra_op_threads'] or 'default'}, "
+                      f"inter-op {rt['inter_op_threads'] or 'default'}; {rt['cpu_count']} CPUs "
+                      f"(native bfloat16: {'yes' if rt['cpu_native_bfloat16'] else 'no'}), accelerators: "
+                      f"{', '.join(rt['accelerators']) or 'none'}.", ""]
         if pretrain.get("knn_top1_at_init") is not None and history:
             lines += [f"kNN monitor (online, on subsets): {pretrain['knn_top1_at_init']:.4f} before training, "
                       f"{history[-1].get('knn_top1', float('nan')):.4f} after the last epoch.", ""]

@@ -17,18 +17,6 @@ sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 
 
-def _resolve_flagfile_argument(argv):
-    """`--flagfile=stl10.flags` from the repository root means experiments/stl10.flags."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--flagfile="):
-            path = arg.split("=", 1)[1]
-            if not os.path.exists(path) and os.path.exists(os.path.join(_HERE, path)):
-                arg = "--flagfile=" + os.path.join(_HERE, path)
-        out.append(arg)
-    return out
-
-
 from absl import app, flags  # noqa: E402
 
 import runner_flags  # noqa: E402,F401  (defines every flag)
@@ -63,4 +51,4 @@ def _fail(error, status):
 
 
 if __name__ == "__main__":
-    app.run(main, argv=_resolve_flagfile_argument(sys.argv))
+    app.run(main, argv=runner_flags.resolve_flagfile_arguments(sys.argv))

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 import runner_flags
 from keras_ncssl import (augment, data, distribute, encoders, evaluation, export, heads, models, optimizers,
-                         predictors, schedules)
+                         predictors, runtime, schedules)
 from keras_ncssl.callbacks import SpectrumMonitor
 from keras_ncssl.checkpoint import TrainingCheckpoint, write_json_atomic
 from runner_flags import ConfigError
@@ -399,7 +399,7 @@ def pretrain(config, strategy, splits, model):
     write_json_atomic(_path(config, "pretrain.json"), {
         "epochs": config["epochs"], "steps_per_epoch": steps, "history": records["history"],
         "spectrum": monitor.records, "knn_top1_at_init": records.get("knn_top1_at_init"),
-        "train_seconds": records["train_seconds"],
+        "train_seconds": records["train_seconds"], "runtime": runtime.describe(),
         "images_per_sec": records["images_trained"] / max(records["train_seconds"], 1e-9)})
     return model
 
@@ -485,6 +485,8 @@ def preflight(config):
     mode = config["mode"]
     training = mode in ("all", "pretrain")
     prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None)
+    # Thread pools first: TensorFlow fixes them when it runs its first op.
+    _config_errors(f"--threads={config['threads']}", lambda: runtime.set_threads(*threads_for(config)))
     if training:
         prepared.strategy = _config_errors(f"--strategy={config['strategy']}", lambda: get_strategy(config))
     if mode == "report":
@@ -499,8 +501,9 @@ def preflight(config):
     steps = steps_per_epoch(config, prepared.splits, strategy.num_replicas_in_sync)
     if config["encoder"] not in encoders.ENCODERS:
         raise ConfigError(f"--encoder={config['encoder']}: unknown; choose one of {', '.join(sorted(encoders.ENCODERS))}.")
-    if config["mixed_precision"] != "none":
-        keras.config.set_dtype_policy(config["mixed_precision"])
+    prepared.precision = runtime.resolve_precision(config["mixed_precision"])
+    if prepared.precision != "none":
+        keras.config.set_dtype_policy(prepared.precision)
 
     def build():
         with strategy.scope():
@@ -508,6 +511,21 @@ def preflight(config):
 
     prepared.model = _config_errors("the model of these flags (--encoder, --predictor, --eps ...)", build)
     return prepared
+
+
+def threads_for(config):
+    """(intra_op, inter_op) thread counts for --threads (0 = TensorFlow's default).
+
+    auto: TensorFlow's default, except on a CPU-only machine where the measured best is taken
+    (BUILD_NOTES "Quick run speed")."""
+    if config["threads"] == "default":
+        return 0, 0
+    if config["threads"] == "auto":
+        return AUTO_THREADS if not runtime.accelerators() else (0, 0)
+    return config["threads"]
+
+
+AUTO_THREADS = (0, 0)
 
 
 def _config_errors(what, fn):

@@ -53,6 +53,8 @@ flags.DEFINE_integer("max_consecutive_nonfinite", 20, "Stop (diverged) after thi
 flags.DEFINE_enum("on_corrupt", "raise", ["raise", "skip"], "--dataset=image_folder: an unreadable image "
                   "fails the run (raise) or is skipped and counted (skip).")
 flags.DEFINE_bool("debug", False, "Show Python tracebacks for configuration errors too.")
+flags.DEFINE_string("threads", "auto", "TensorFlow thread pools: auto (the fastest measured for this machine: "
+                    "see BUILD_NOTES), default (TensorFlow's), N (intra-op) or N,M (intra-op, inter-op).")
 # -- data --------------------------------------------------------------------------------------
 _training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry name (keras_ncssl.data).")
 _training(flags.DEFINE_integer, "image_size", 32, "Encoder input size (pixels).")
@@ -106,7 +108,9 @@ _training(flags.DEFINE_integer, "batch_size", 128, "Global batch size.")
 _training(flags.DEFINE_integer, "epochs", 100, "Pretraining epochs.")
 _training(flags.DEFINE_integer, "steps_per_epoch", 0, "Cap steps per epoch (0 = a full pass).")
 _training(flags.DEFINE_integer, "seed", 0, "Seed of weights, shuffling and augmentation.")
-_training(flags.DEFINE_enum, "mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Policy.")
+_training(flags.DEFINE_enum, "mixed_precision", "none", ["auto", "none", "mixed_float16", "mixed_bfloat16"],
+          "Keras dtype policy; auto = mixed_bfloat16 on a CPU-only machine with native bf16 (AVX512_BF16/AMX), "
+          "else none (float32). Predictor statistics and eigh stay float32.")
 _training(flags.DEFINE_bool, "jit_compile", False, "XLA-compile the train step.")
 # -- checkpoints, monitoring, evaluation ---------------------------------------------------------
 flags.DEFINE_integer("checkpoint_every_steps", 200, "Also checkpoint every N steps within an epoch (0: epoch ends only).")
@@ -123,6 +127,20 @@ flags.DEFINE_bool("eval_baselines", True, "Also evaluate a random-init encoder a
 
 
 NAMES = [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]
+EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve_flagfile_arguments(argv):
+    """``--flagfile=stl10.flags`` given from anywhere means experiments/stl10.flags when no such
+    file exists where it is run (the README's commands are run from the repository root)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--flagfile="):
+            path = arg.split("=", 1)[1]
+            if not os.path.exists(path) and os.path.exists(os.path.join(EXPERIMENTS, path)):
+                arg = "--flagfile=" + os.path.join(EXPERIMENTS, path)
+        out.append(arg)
+    return out
 
 
 # (flag, lowest, highest, what the message says is allowed); None = unbounded.
@@ -189,11 +207,26 @@ def resolved(values):
     _check_augmentation(config)
     _check_small_encoder(config)
     _check_paths(config)
+    config["threads"] = _parse_threads(config["threads"])
     unknown = sorted(set(config["allow_changes"]) - set(RESUMABLE))
     if unknown:
         raise ConfigError(f"--allow_changes={','.join(config['allow_changes'])}: {', '.join(unknown)} cannot change "
                           f"on resume (allowed: {', '.join(RESUMABLE)}); start a new --workdir instead.")
     return config
+
+
+def _parse_threads(value):
+    """--threads -> "auto", "default" or (intra_op, inter_op) with 0 = TensorFlow's default."""
+    if value in ("auto", "default"):
+        return value
+    try:
+        numbers = tuple(int(v) for v in value.split(","))
+        if len(numbers) not in (1, 2) or min(numbers) < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--threads={value}: give auto, default, N (intra-op threads) or N,M (intra-op, "
+                          "inter-op), each >= 1.") from None
+    return numbers if len(numbers) == 2 else (numbers[0], 0)
 
 
 def _check_paths(config):

@@ -1,98 +1,75 @@
-"""Train-step throughput: the configuration of ../shared/bench/peer_torch_step.py in Keras.
+"""Train-step throughput of exactly what the runner trains: its flags, builders and set-up.
 
-BYOL, CIFAR-stem ResNet-18 (512-d), projector 512-512-128 (BN), a 128 x 128 linear predictor
-set by DirectPred every step (rho 0.3, eps 0.1), EMA 0.996, SGD(0.03, momentum 0.9, coupled
-wd 4e-4), both views of a batch of random images; augmentation excluded. Prints one JSON line
-with images_per_sec = batch / median step time (a sample = one pair of views).
+Every flag of experiments/run.py applies (precision, --threads, --strategy, batch, model), so
+a flagfile times its own run's step; augmentation and input are excluded (random images of
+the configured shape, one fixed batch). Prints one JSON line: images_per_sec = global batch /
+median step time (a sample = one pair of views), and the precision/threads actually used.
 
-    python experiments/bench.py train_step --encoder=resnet18 --image_size=32 --batch_size=128 --predictor=directpred
-    python experiments/bench.py train_step ... --forward_views_together --jit_compile
+    python experiments/bench.py train_step --flagfile=experiments/quick.flags --steps=60 --warmup=10
+    python experiments/bench.py train_step --encoder=resnet18 --image_size=32 --batch_size=128   # the peer's ResNet step
+    python experiments/bench.py train_step --flagfile=experiments/quick.flags --mixed_precision=none --threads=default
 """
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
+from absl import flags
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="bench.py train_step")
-    p.add_argument("--encoder", default="resnet18")
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--width_multiplier", type=float, default=1.0)
-    p.add_argument("--stem_stride", type=int, default=None, help="small encoder only (1 or 2)")
-    p.add_argument("--widths", default=None, help="small encoder only: channels per stage, e.g. 32,64,128,256")
-    p.add_argument("--convs_per_stage", type=int, default=None, help="small encoder only")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--predictor", default="directpred")
-    p.add_argument("--projector_hidden", type=int, default=512)
-    p.add_argument("--projection_dim", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--forward_views_together", action="store_true",
-                   help="one encoder pass over both views (BN statistics pool the views)")
-    p.add_argument("--jit_compile", action="store_true", help="XLA-compile the train step")
-    p.add_argument("--mixed_precision", default=None, help="e.g. mixed_bfloat16")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = TF default)")
-    return p.parse_args(argv)
+import runner_flags
+
+flags.DEFINE_integer("steps", 8, "Timed steps (the median is reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, allocation).")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
-    args = parse(argv)
+    FLAGS(["bench.py train_step", *runner_flags.resolve_flagfile_arguments(argv)])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        config = dict(runner_flags.resolved(FLAGS), mode="pretrain")
+        import runner
+        prepared = runner.preflight(config)
+    except runner_flags.ConfigError as error:
+        sys.exit(f"bench.py train_step: error: {error}")
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from keras_ncssl import encoders, heads, models, optimizers
-    from keras_ncssl.predictors import get_predictor
+    from keras_ncssl import runtime
 
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    if args.mixed_precision:
-        keras.config.set_dtype_policy(args.mixed_precision)
-    shape = (args.image_size, args.image_size, args.channels)
-    options = {"width_multiplier": args.width_multiplier}
-    if args.stem_stride is not None:
-        options["stem_stride"] = args.stem_stride
-    if args.widths:
-        options["widths"] = tuple(int(w) for w in args.widths.split(","))
-    if args.convs_per_stage is not None:
-        options["convs_per_stage"] = args.convs_per_stage
-    encoder = encoders.get_encoder(args.encoder, shape, **options)
-    projector = heads.projector(encoder.output_shape[-1], args.projector_hidden, args.projection_dim)
-    options = dict(rho=0.3, eps=0.1, freq=1) if args.predictor not in ("linear", "mlp", "none") else {}
-    predictor = get_predictor(args.predictor, args.projection_dim, **options)
-    model = models.BYOL(encoder, projector, predictor, tau_base=0.996, tau_schedule="constant",
-                        forward_views_together=args.forward_views_together)
-    model.compile(optimizer=optimizers.SGD(0.03, momentum=0.9, weight_decay=4e-4),
-                  jit_compile=args.jit_compile)
+    model, strategy = prepared.model, prepared.strategy
+    shape = runner.input_shape(config)
     rng = np.random.default_rng(0)
-    x1 = tf.constant(rng.normal(size=(args.batch_size, *shape)).astype(np.float32))
-    x2 = tf.constant(rng.normal(size=(args.batch_size, *shape)).astype(np.float32))
-    # The same compiled function fit() runs; called directly so no input pipeline is timed.
-    model.make_train_function()
-    step = model.train_function
+    views = tuple(tf.constant(rng.normal(size=(config["batch_size"], *shape)).astype(np.float32))
+                  for _ in range(2))
+    dataset = tf.data.Dataset.from_tensors(views).repeat()
+    if strategy.num_replicas_in_sync > 1:
+        dataset = strategy.experimental_distribute_dataset(dataset.unbatch().batch(config["batch_size"]))
+    iterator = iter(dataset)
+    model.make_train_function()  # the compiled function fit() runs, called directly
 
     def one():
-        logs = step(iter([(x1, x2)]))
+        logs = model.train_function(iterator)
         float(logs["loss"])  # block until the step has finished
 
-    for _ in range(args.warmup):
+    for _ in range(FLAGS.warmup):
         one()
     times = []
-    for _ in range(args.steps):
+    for _ in range(FLAGS.steps):
         start = time.perf_counter()
         one()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    described = runtime.describe()
     print(json.dumps({
         "bench": "train_step", "framework": f"keras {keras.__version__} / tf {tf.__version__}",
-        "encoder": args.encoder, "width_multiplier": args.width_multiplier,
-        "stem_stride": args.stem_stride, "widths": args.widths, "convs_per_stage": args.convs_per_stage,
-        "feature_dim": int(encoder.output_shape[-1]), "predictor": args.predictor, "batch": args.batch_size,
-        "image": args.image_size, "forward_views_together": args.forward_views_together,
-        "jit_compile": args.jit_compile, "mixed_precision": args.mixed_precision,
-        "step_s": round(median, 4), "images_per_sec": round(args.batch_size / median, 2),
-        "steps": args.steps}))
+        "encoder": config["encoder"], "image": config["image_size"], "channels": config["channels"],
+        "feature_dim": int(model.encoder.output_shape[-1]), "projection_dim": config["projection_dim"],
+        "predictor": config["predictor"], "batch": config["batch_size"], "strategy": config["strategy"],
+        "replicas": strategy.num_replicas_in_sync, "precision": described["precision"],
+        "intra_op_threads": described["intra_op_threads"], "inter_op_threads": described["inter_op_threads"],
+        "jit_compile": config["jit_compile"], "forward_views_together": config["forward_views_together"],
+        "step_s": round(median, 5), "images_per_sec": round(config["batch_size"] / median, 2),
+        "steps": FLAGS.steps, "load_avg_1min": os.getloadavg()[0]}))

@@ -1,0 +1,37 @@
+"""keras_ncssl.runtime: bf16 detection from CPU flags, the auto precision, thread settings."""
+import pytest
+
+from keras_ncssl import runtime
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 fma\n")
+    assert runtime.cpu_flags(str(info)) >= {"avx512_bf16", "avx2"}
+    assert runtime.cpu_has_native_bfloat16({"avx512f", "avx512_bf16"})
+    assert runtime.cpu_has_native_bfloat16({"amx_bf16"})
+    assert runtime.cpu_has_native_bfloat16({"fp", "asimd", "bf16"})  # Arm "Features"
+    assert not runtime.cpu_has_native_bfloat16({"avx512f", "avx2", "fma"})
+    assert runtime.cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.parametrize("flags,accelerators,expected", [
+    ({"avx512_bf16"}, [], "mixed_bfloat16"),
+    ({"avx2", "fma"}, [], "none"),                     # emulated bf16 is slower than float32
+    ({"avx512_bf16"}, ["/physical_device:GPU:0"], "none"),  # a GPU user's path is unchanged
+])
+def test_auto_precision(flags, accelerators, expected):
+    assert runtime.resolve_precision("auto", flags, accelerators) == expected
+    assert runtime.resolve_precision("mixed_float16", flags, accelerators) == "mixed_float16"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="choose auto or one of none, mixed_float16, mixed_bfloat16"):
+        runtime.resolve_precision("fp8")
+
+
+def test_describe_is_json_able():
+    import json
+    described = runtime.describe("none")
+    assert json.loads(json.dumps(described))["precision"] == "none"
+    assert {"intra_op_threads", "inter_op_threads", "cpu_native_bfloat16"} <= set(described)
