@@ -70,9 +70,12 @@ def check_workdir(config):
 
 
 def load_data(config):
-    return data.load_dataset(config["dataset"], data_dir=config["data_dir"],
-                             validation_fraction=config["validation_fraction"], seed=0,
-                             **({"download": True} if config["download"] else {}))
+    splits = data.load_dataset(config["dataset"], data_dir=config["data_dir"],
+                               validation_fraction=config["validation_fraction"], seed=0,
+                               **({"download": True} if config["download"] else {}))
+    counts = ", ".join(f"{split} {n}" for split, n in splits.num_examples.items())
+    print(f"Data: {splits.name} from {splits.source or 'memory'} ({counts}).", flush=True)
+    return splits
 
 
 def get_strategy(config):
