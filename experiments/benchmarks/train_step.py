@@ -35,6 +35,8 @@ def parse(argv):
     p.add_argument("--jit_compile", action="store_true", help="XLA-compile the train step")
     p.add_argument("--mixed_precision", default=None, help="e.g. mixed_bfloat16")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = TF default)")
+    p.add_argument("--rule_device", default="auto",
+                   help="DirectPredictor's rule placement: auto | cpu | none | a device string")
     return p.parse_args(argv)
 
 
@@ -62,7 +64,9 @@ def main(argv):
         options["convs_per_stage"] = args.convs_per_stage
     encoder = encoders.get_encoder(args.encoder, shape, **options)
     projector = heads.projector(encoder.output_shape[-1], args.projector_hidden, args.projection_dim)
-    options = dict(rho=0.3, eps=0.1, freq=1) if args.predictor not in ("linear", "mlp", "none") else {}
+    rule_device = None if args.rule_device == "none" else args.rule_device
+    options = (dict(rho=0.3, eps=0.1, freq=1, rule_device=rule_device)
+               if args.predictor not in ("linear", "mlp", "none") else {})
     predictor = get_predictor(args.predictor, args.projection_dim, **options)
     model = models.BYOL(encoder, projector, predictor, tau_base=0.996, tau_schedule="constant",
                         forward_views_together=args.forward_views_together)
@@ -93,6 +97,7 @@ def main(argv):
         "stem_stride": args.stem_stride, "widths": args.widths, "convs_per_stage": args.convs_per_stage,
         "feature_dim": int(encoder.output_shape[-1]), "predictor": args.predictor, "batch": args.batch_size,
         "image": args.image_size, "forward_views_together": args.forward_views_together,
-        "jit_compile": args.jit_compile, "mixed_precision": args.mixed_precision,
+        "jit_compile": args.jit_compile, "mixed_precision": args.mixed_precision, "rule_device": args.rule_device,
+        "device": (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[0].name,
         "step_s": round(median, 4), "images_per_sec": round(args.batch_size / median, 2),
         "steps": args.steps}))
