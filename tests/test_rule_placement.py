@@ -4,12 +4,13 @@ No GPU here: placement is checked on the two logical CPU devices of conftest.py 
 traced eigh is pinned to, and real execution across devices), and the "auto" decision on
 GPU device strings directly.
 """
-import warnings
+import contextlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_ncssl import distribute
 from keras_ncssl.predictors import RULES, DirectPredictor
 from keras_ncssl.predictors.layer import HOST_CPU, resolve_rule_device
 
@@ -27,7 +28,7 @@ def reference_directpred(f, eps=0.1):
 
 
 def make(device=None, **kwargs):
-    with tf.device(device) if device else warnings.catch_warnings():
+    with tf.device(device) if device else contextlib.nullcontext():
         layer = DirectPredictor(**kwargs)
         layer.build((None, D))
     return layer
@@ -86,7 +87,9 @@ def test_rule_on_another_device_gives_the_reference_kernel(rng):
 
 @needs_two_cpus
 def test_two_replicas_with_the_rule_on_the_host_hold_the_global_kernel(rng):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # The cached strategy: a second MirroredStrategy over the same devices would reuse collective
+    # keys (tensorflow#62790, BUILD_NOTES "Distribution").
+    strategy = distribute.get_strategy("cpu:2")
     with strategy.scope():
         layer = make(rule_device="cpu", rho=0.0)
     x = _batch(rng)

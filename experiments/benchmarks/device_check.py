@@ -123,7 +123,7 @@ def child_eigh(dims, repeats):
         import tensorflow as tf
         from keras_ncssl.predictors import DirectPredictor
         devices = [d.name for d in tf.config.list_logical_devices("GPU")][:1] + ["/device:CPU:0"]
-    except ImportError as error:
+    except ImportError:
         tf, devices = None, []
     try:
         import torch
@@ -222,8 +222,10 @@ def child_stl10_run(workdir, steps):
         out["error"] = " | ".join(result.stderr.strip().splitlines()[-5:])
         return out
     run = os.path.join(workdir, "run")
-    pretrain = json.load(open(os.path.join(run, "pretrain.json")))
-    trained = json.load(open(os.path.join(run, "eval.json")))["trained"]
+    with open(os.path.join(run, "pretrain.json")) as handle:
+        pretrain = json.load(handle)
+    with open(os.path.join(run, "eval.json")) as handle:
+        trained = json.load(handle)["trained"]
     import tensorflow as tf
     serve = tf.saved_model.load(os.path.join(run, "encoder")).signatures["serve"]
     out.update(steps_per_epoch=pretrain["steps_per_epoch"], images_per_sec=pretrain["images_per_sec"],
