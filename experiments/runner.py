@@ -99,8 +99,11 @@ def load_data(config):
     options = {"download": True} if config["download"] else {}
     if config["dataset"] == "image_folder":
         options["on_corrupt"] = config["on_corrupt"]
-    return data.load_dataset(config["dataset"], data_dir=config["data_dir"],
-                             validation_fraction=config["validation_fraction"], seed=0, **options)
+    splits = data.load_dataset(config["dataset"], data_dir=config["data_dir"],
+                               validation_fraction=config["validation_fraction"], seed=0, **options)
+    counts = ", ".join(f"{split} {n}" for split, n in splits.num_examples.items())
+    print(f"Data: {splits.name} from {splits.source or 'memory'} ({counts}).", flush=True)
+    return splits
 
 
 def get_strategy(config):
@@ -145,7 +148,8 @@ def build_predictor(config, synchronized_bn=False):
             rule_options = dict(iterations=config["rule_iterations"])
         return predictors.get_predictor(
             name, config["projection_dim"], rho=config["rho"], eps=config["eps"], freq=config["freq"],
-            predictor_ema=config["predictor_ema"], zero_mean=config["zero_mean"], rule_options=rule_options)
+            predictor_ema=config["predictor_ema"], zero_mean=config["zero_mean"], rule_options=rule_options,
+            rule_device=None if config["rule_device"] == "none" else config["rule_device"])
     return predictors.get_predictor(name, config["projection_dim"], hidden_dim=config["predictor_hidden"],
                                     synchronized_bn=synchronized_bn)
 

@@ -52,6 +52,8 @@ flags.DEFINE_integer("max_consecutive_nonfinite", 20, "Stop (diverged) after thi
                      "with a non-finite loss or gradients; each is skipped (0 = never stop).")
 flags.DEFINE_enum("on_corrupt", "raise", ["raise", "skip"], "--dataset=image_folder: an unreadable image "
                   "fails the run (raise) or is skipped and counted (skip).")
+flags.DEFINE_string("rule_device", "auto", "Where DirectPredictor's rule runs: auto (the host CPU for eigh rules "
+                    "when the model is on a GPU), cpu, none (with the model) or a device string.")
 flags.DEFINE_bool("debug", False, "Show Python tracebacks for configuration errors too.")
 flags.DEFINE_string("threads", "auto", "TensorFlow thread pools: auto (the fastest measured for this machine: "
                     "see BUILD_NOTES), default (TensorFlow's), N (intra-op) or N,M (intra-op, inter-op).")

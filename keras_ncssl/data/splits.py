@@ -25,7 +25,9 @@ class DatasetSplits:
         num_examples: examples per split (`pretrain`, `train`, `validation`, `test`).
         class_names: class names in label order, where known.
         arrays: in-memory `{split: (x, y)}` numpy arrays of the labelled splits, when the
-            dataset is small enough to hold (Fashion-MNIST, digits); else None.
+            dataset is small enough to hold (Fashion-MNIST, digits; memory-mapped for STL-10's
+            binary files); else None.
+        source: where the data was read from (e.g. "tfds stl10 in DIR"), for logs.
     """
     name: str
     pretrain: tf.data.Dataset
@@ -40,6 +42,7 @@ class DatasetSplits:
     class_names: Optional[Tuple[str, ...]] = None
     arrays: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = dataclasses.field(
         default=None, repr=False)
+    source: Optional[str] = None
 
     def numpy(self, split: str, limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """`(images uint8 [N, H, W, C], labels int64 [N])` of a labelled split.

@@ -1,5 +1,6 @@
-"""STL-10, CIFAR-10/100 and ImageNet through tensorflow-datasets, offline by default (`download=False`):
-a missing dataset fails fast, naming the manual-download directory and the archives."""
+"""STL-10, CIFAR-10/100 and ImageNet: from the extracted binary folders users already have
+(binary_readers), else through tensorflow-datasets, offline by default (`download=False`): a
+missing dataset fails fast, naming the manual-download directory, the archives and the folders."""
 import dataclasses
 import os
 from typing import Optional, Tuple
@@ -7,6 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from keras_ncssl.data.binary_readers import BINARY_FOLDERS, load_binary_folder
 from keras_ncssl.data.registry import register_dataset
 from keras_ncssl.data.splits import DatasetNotAvailableError, DatasetSplits, _validation_indices
 
@@ -67,8 +69,13 @@ def _prepare_tfds(builder, name: str, spec: TfdsSpec, download: bool) -> None:
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     root = os.fspath(builder.data_dir_root)
-    manual_dir = os.path.join(root, "downloads", "manual")
     archives = _manual_archive_names(builder)
+    # The archives may sit in tfds' manual dir or straight in data_dir (where a user downloaded them).
+    manual_dir = os.path.join(root, "downloads", "manual")
+    for candidate in (manual_dir, root):
+        if archives and all(os.path.exists(os.path.join(candidate, a)) for a in archives):
+            manual_dir = candidate
+            break
     present = [a for a in archives if os.path.exists(os.path.join(manual_dir, a))]
     if (spec.manual_only or not download) and len(present) < len(archives):
         missing = [a for a in archives if a not in present]
@@ -79,7 +86,9 @@ def _prepare_tfds(builder, name: str, spec: TfdsSpec, download: bool) -> None:
             + ("" if spec.manual_only else " and download=False") + ". Offline route: put the "
             f"original archive(s) {missing} in {manual_dir}/ and call load_dataset again "
             f"({'; '.join(notes)})."
-            + ("" if spec.manual_only else " With internet: load_dataset(..., download=True)."))
+            + ("" if spec.manual_only else " With internet: load_dataset(..., download=True).")
+            + (f" Or pass the extracted {BINARY_FOLDERS[name]}/ folder (or its parent) as data_dir."
+               if name in BINARY_FOLDERS else ""))
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
         builder.download_and_prepare(download_config=config)
@@ -129,15 +138,20 @@ def _load_tfds(name: str, data_dir, validation_fraction: float, seed: int,
         num_examples={"pretrain": sum(info.splits[s].num_examples for s in spec.pretrain_splits),
                       "train": n_train - len(val), "validation": len(val),
                       "test": info.splits[spec.test_split].num_examples},
-        class_names=tuple(label_feature.names) if label_feature.names else None)
+        class_names=tuple(label_feature.names) if label_feature.names else None,
+        source=f"tfds {spec.tfds_name} in {os.fspath(builder.data_dir_root)}")
 
 
 def _tfds_loader(name):
     def loader(data_dir=None, validation_fraction=0.1, seed=0, download=False):
-        return _load_tfds(name, data_dir, validation_fraction, seed, download)
+        spec = TFDS_DATASETS[name]
+        splits = load_binary_folder(name, data_dir, validation_fraction, seed, spec.mean, spec.std)
+        return splits if splits is not None else _load_tfds(name, data_dir, validation_fraction, seed, download)
     loader.__name__ = f"load_{name}"
-    loader.__doc__ = (f"{name} through tensorflow-datasets; download=False fails fast unless "
-                      "prepared or the original archives are in <data_dir>/downloads/manual/.")
+    folder = (f"the extracted {BINARY_FOLDERS[name]}/ folder given as data_dir (or inside it), else "
+              if name in BINARY_FOLDERS else "")
+    loader.__doc__ = (f"{name} from {folder}tensorflow-datasets; download=False fails fast unless "
+                      "prepared or the original archives are in <data_dir>/downloads/manual/ (or data_dir).")
     return loader
 
 

@@ -1,4 +1,5 @@
 """The DirectPredictor layer: a linear predictor set in closed form from running statistics."""
+import contextlib
 import sys
 import warnings
 
@@ -9,6 +10,40 @@ import tensorflow as tf
 from keras_ncssl.predictors.rules import get_rule
 
 _STATE_DTYPE = "float32"  # statistics never live in float16, whatever the layer's policy
+HOST_CPU = "/device:CPU:0"  # merged with the replica's job/task: the local host under any strategy
+# Errors a failed eigendecomposition raises (cuSOLVER's "Heevd failed", Eigen's "not successful").
+_SOLVER_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.InternalError, tf.errors.UnknownError)
+
+
+def check_rule_device(rule_device):
+    """``rule_device`` as given, if it is "auto", "cpu", None or a device string; else ValueError."""
+    if rule_device is None or rule_device in ("auto", "cpu"):
+        return rule_device
+    if isinstance(rule_device, str):
+        try:
+            tf.DeviceSpec.from_string(rule_device)
+            return rule_device
+        except ValueError:
+            pass
+    raise ValueError(
+        f"rule_device={rule_device!r}: choose 'auto' (host CPU when the predictor's variables are on a GPU "
+        "and the rule uses eigh), 'cpu' (always the host CPU), None (no placement: where the model runs) "
+        "or a device string such as '/device:CPU:0'.")
+
+
+def resolve_rule_device(rule_device, variable_device, uses_eigh):
+    """Where the rule runs: a device string, or None for no placement (the model's device).
+
+    "auto" moves eigendecomposition rules to the host CPU when the variables live on a GPU:
+    cuSOLVER's eigh fails on exactly the matrices a predictor meets at initialisation or under
+    collapse (a zero matrix: tensorflow#47661; low-rank float32 matrices: pytorch#94772,
+    #105359, the same solver), and a d x d eigh (d <= 2048) is cheap on the host. Rules that
+    only multiply matrices stay on the GPU.
+    """
+    if rule_device == "auto":
+        on_gpu = (tf.DeviceSpec.from_string(variable_device or "").device_type or "").upper() == "GPU"
+        return HOST_CPU if (on_gpu and uses_eigh) else None
+    return HOST_CPU if rule_device == "cpu" else rule_device
 
 
 def _in_xla_context():
@@ -46,6 +81,15 @@ class DirectPredictor(keras.layers.Layer):
     Numerics: statistics and the rule run in float32 (or ``statistics_dtype="float64"``) under
     stop_gradient, whatever the mixed-precision policy; a non-finite batch statistic or kernel
     skips that update, leaves the weights unchanged and warns (``num_skipped`` counts them).
+    The rule is never called on a non-finite or all-zero F (the zero matrix fails cuSOLVER's
+    eigh, tensorflow#47661): that refresh is skipped with a warning too, and so, when running
+    eagerly, is one whose eigendecomposition raises.
+
+    Placement (``rule_device``): by default ("auto") the rule runs on the host CPU when the
+    layer's variables live on a GPU and the rule uses an eigendecomposition, because GPU eigh
+    fails on zero and low-rank float32 matrices (see :func:`resolve_rule_device`); inside a
+    compiled train step such a failure aborts the step and cannot be caught in the graph.
+    Under ``jit_compile=True`` the rule runs where XLA compiles the step (no placement).
 
     Distribution: under a multi-replica ``tf.distribute`` strategy the per-replica batch
     statistics are all-reduced (mean over equal per-replica batches = the global-batch mean)
@@ -68,11 +112,13 @@ class DirectPredictor(keras.layers.Layer):
             ``normalize``, ``iterations`` ...).
         statistics_dtype: "float32" or "float64": the dtype of the batch statistics and of the
             rule's evaluation (eigh); the stored state is float32.
+        rule_device: "auto" (host CPU for eigh rules when the variables are on a GPU), "cpu"
+            (always the host CPU), None (no placement) or a device string ("/device:CPU:0").
     """
 
     def __init__(self, rule="directpred", rho=0.3, eps=0.1, freq=1, predictor_ema=0.0,
                  zero_mean=False, rule_options=None, statistics_dtype="float32", all_reduce=None,
-                 **kwargs):
+                 rule_device="auto", **kwargs):
         super().__init__(**kwargs)
         self._rule = get_rule(rule)
         self.rule = rule if isinstance(rule, str) else getattr(rule, "rule_name", rule.__name__)
@@ -92,6 +138,7 @@ class DirectPredictor(keras.layers.Layer):
         self.rule_options = dict(rule_options or {})
         self.statistics_dtype = statistics_dtype
         self.all_reduce = all_reduce
+        self.rule_device = check_rule_device(rule_device)
         # Validate eps and the options now, not deep inside fit: run the rule on a 2 x 2 F.
         try:
             self._kernel_from(tf.eye(2, dtype=statistics_dtype), tf.eye(2, dtype=statistics_dtype))
@@ -214,6 +261,14 @@ class DirectPredictor(keras.layers.Layer):
         """
         return self._refresh(tf.constant(True))
 
+    def rule_placement(self):
+        """The device the rule runs on now (None: no placement); see :func:`resolve_rule_device`."""
+        if _in_xla_context():  # one compiled cluster: an inner device scope cannot split it
+            return None
+        value = getattr(self.kernel, "value", self.kernel)
+        return resolve_rule_device(self.rule_device, getattr(value, "device", ""),
+                                   bool(getattr(self._rule, "uses_eigh", False)))
+
     def _refresh(self, due):
         """``refresh`` if the bool tensor ``due`` is true; the kernel is unchanged otherwise.
 
@@ -224,21 +279,31 @@ class DirectPredictor(keras.layers.Layer):
         correlation, cross = self.statistics_for_rule()
         attempt = tf.logical_and(due, self.num_updates > 0)
         old = tf.cast(self.kernel, _STATE_DTYPE)
+        device = self.rule_placement()
+
+        # eigh of a non-finite matrix can fail or hang, and of the zero matrix fails on cuSOLVER:
+        # the rule runs only on a finite, non-zero F (F is PSD, so max |F| = 0 iff F = 0).
+        usable = tf.logical_and(tf.reduce_all(tf.math.is_finite(correlation)),
+                                tf.reduce_max(tf.abs(correlation)) > 0)
 
         def compute():
-            stats_finite = tf.reduce_all(tf.math.is_finite(correlation))
-            # eigh of a non-finite matrix can fail or hang on some backends: never call it.
-            safe = tf.where(stats_finite, correlation, tf.eye(self.dim, dtype=correlation.dtype))
-            safe_cross = None if cross is None else tf.where(stats_finite, cross, tf.zeros_like(cross))
-            kernel = tf.cast(tf.stop_gradient(self._kernel_from(safe, safe_cross)), _STATE_DTYPE)
-            return kernel, tf.logical_and(stats_finite, tf.reduce_all(tf.math.is_finite(kernel)))
+            with tf.device(device) if device else contextlib.nullcontext():
+                kernel = tf.cast(tf.stop_gradient(self._kernel_from(correlation, cross)), _STATE_DTYPE)
+            return kernel, tf.reduce_all(tf.math.is_finite(kernel))
 
-        kernel, ok = tf.cond(attempt, compute, lambda: (old, tf.constant(False)))
+        message = "non-finite or zero correlation, or non-finite kernel; the predictor refresh was skipped"
+        try:
+            kernel, ok = tf.cond(tf.logical_and(attempt, usable), compute, lambda: (old, tf.constant(False)))
+        except _SOLVER_ERRORS as error:
+            if not tf.executing_eagerly():
+                raise
+            kernel, ok = old, tf.constant(False)
+            first_line = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+            message = f"the rule's eigendecomposition failed ({first_line}); the predictor refresh was skipped"
         m = self.predictor_ema
         new = kernel if m == 0.0 else m * old + (1.0 - m) * kernel
         self.kernel.assign(tf.where(ok, new, old))
-        self._report_skip(tf.logical_and(attempt, tf.logical_not(ok)),
-                          "non-finite correlation or kernel; the predictor refresh was skipped")
+        self._report_skip(tf.logical_and(attempt, tf.logical_not(ok)), message)
         return ok
 
     def update(self, projections, target_projections=None, skip=False):
@@ -280,5 +345,6 @@ class DirectPredictor(keras.layers.Layer):
         config = super().get_config()
         config.update(rule=self.rule, rho=self.rho, eps=self.eps, freq=self.freq,
                       predictor_ema=self.predictor_ema, zero_mean=self.zero_mean,
-                      rule_options=dict(self.rule_options), statistics_dtype=self.statistics_dtype)
+                      rule_options=dict(self.rule_options), statistics_dtype=self.statistics_dtype,
+                      rule_device=self.rule_device)
         return config
