@@ -276,12 +276,13 @@ def test_xla_compiled_fit_matches_the_plain_fit_and_still_skips_non_finite_batch
         kernel = model.predictor.kernel.numpy().copy()
         model.fit(tf.data.Dataset.from_tensor_slices((bad1[:16], x2[:16])).batch(16), epochs=1,
                   verbose=0)
-        results.append((model.predictor.correlation.numpy(), kernel,
-                        model.predictor.kernel.numpy(), int(model.predictor.num_skipped.numpy())))
-    (f0, k0, _, s0), (f1, k1, k1_after, s1) = results
+        results.append((model.predictor.correlation.numpy(), kernel, model.predictor.kernel.numpy(),
+                        int(model.nonfinite_steps.numpy()), int(model.predictor.num_skipped.numpy())))
+    (f0, k0, _, s0, p0), (f1, k1, k1_after, s1, p1) = results
     np.testing.assert_allclose(f1, f0, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(k1, k0, rtol=1e-4, atol=1e-5)
-    assert s0 == s1 == 1  # the NaN batch: statistics and refresh skipped in both
+    # The NaN batch: the whole step is skipped in both (counted once, by the model).
+    assert s0 == s1 == 1 and p0 == p1 == 0
     np.testing.assert_array_equal(k1_after, k1)
 
 
