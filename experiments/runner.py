@@ -501,6 +501,12 @@ def preflight(config):
                                          lambda: load_data(config))
     except ConfigError as error:  # the library names its argument; a runner user needs the flag
         raise ConfigError(str(error).replace("on_corrupt='skip'", "--on_corrupt=skip")) from None
+    counts = prepared.splits.num_examples
+    if prepared.splits.num_classes and min(counts.get(s, 0) for s in ("train", "validation", "test")) < 1:
+        raise ConfigError(f"--dataset={config['dataset']} --validation_fraction={config['validation_fraction']}: "
+                          f"the labelled splits are train {counts.get('train', 0)}, validation "
+                          f"{counts.get('validation', 0)}, test {counts.get('test', 0)} images; the probes need "
+                          "each non-empty (more labelled images, or a larger --validation_fraction).")
     strategy = prepared.strategy or tf.distribute.get_strategy()
     steps = steps_per_epoch(config, prepared.splits, strategy.num_replicas_in_sync)
     if config["encoder"] not in encoders.ENCODERS:
