@@ -7,7 +7,7 @@
 # the old. The package itself is installed editable with --no-deps, so the tests run this
 # checkout's code against exactly the floor's dependencies.
 #
-# Usage: bash .ci/test_floor.sh [extra pytest arguments]
+# Usage: bash .ci/test_floor.sh [pytest arguments; default: tests]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -38,7 +38,7 @@ fi
 
 # pytest exits 5 when it collects nothing: say so and fail, rather than pass silently.
 rc=0
-"$venv/bin/python" -m pytest -q -ra -p no:cacheprovider -m "not slow" "$@" tests || rc=$?
+"$venv/bin/python" -m pytest -q -ra -p no:cacheprovider -m "not slow" "${@:-tests}" || rc=$?
 if [ $rc -eq 5 ]; then echo "pytest collected no tests on the floor (exit 5)"; fi
 echo "floor tests: $(( $(date +%s) - started )) s in all"
 exit $rc

@@ -102,7 +102,7 @@ def check_versions(lookup=installed_version):
             oldest, newest = TESTED[module]
             warnings.warn(f"keras_ncssl is tested with {module} {oldest} to {newest}; {shown} is "
                           f"untested (supported: {fix}). If a test fails, install "
-                          f"'{fix}'.", UserWarning, stacklevel=3)
+                          f"'{fix}'.", UserWarning, stacklevel=2)
     if problems:
         wanted = ", ".join(requirement(m, None) for m in ("tensorflow", "keras"))
         command = "pip install " + " ".join(f"'{fix}'" for fix in fixes)
