@@ -8,12 +8,16 @@ correlation of their inputs: DirectPred (Tian, Chen & Ganguli, ICML 2021), Direc
     encoder = ncssl.encoders.get_encoder("resnet18", (32, 32, 3))
     model = ncssl.BYOL(encoder, ncssl.heads.projector(512), ncssl.DirectPredictor())
 """
-from keras_ncssl import (augment, callbacks, checkpoint, data, diagnostics, distribute,  # noqa: F401
+from keras_ncssl._versions import check_versions
+
+check_versions()  # first: an unsupported TensorFlow/Keras fails here, with the pip fix
+
+from keras_ncssl import (augment, callbacks, checkpoint, data, diagnostics, distribute,  # noqa: F401,E402
                          encoders, evaluation, export, heads, losses, models, normalization,
                          optimizers, predictors, schedules, theory)
-from keras_ncssl.export import export_encoder, load_encoder
-from keras_ncssl.models import BYOL, SimSiam
-from keras_ncssl.predictors import RULES, DirectPredictor, LinearPredictor, get_predictor
+from keras_ncssl.export import export_encoder, load_encoder  # noqa: E402
+from keras_ncssl.models import BYOL, SimSiam  # noqa: E402
+from keras_ncssl.predictors import RULES, DirectPredictor, LinearPredictor, get_predictor  # noqa: E402
 
 __version__ = "0.1.0"
 

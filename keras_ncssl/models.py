@@ -40,12 +40,17 @@ import keras
 import tensorflow as tf
 
 from keras_ncssl import losses as losses_lib
+from keras_ncssl._compat import require_private_method
 from keras_ncssl.distribute import check_fit_length, step_logs
 from keras_ncssl.numerics import all_finite_across_replicas, graph_warning
 from keras_ncssl.predictors.layer import DirectPredictor
 from keras_ncssl.schedules import EMA_SCHEDULES, ema_tau
 
 TARGET_BATCHNORM = ("batch_stats", "ema")
+
+# `_NonContrastive._maybe_symbolic_build` overrides this private method of Keras' TensorFlow
+# trainer (Keras 3.5 to 3.15 have it unchanged): fail at import, with the fix, if it is gone.
+require_private_method(keras.Model, "_maybe_symbolic_build", ("iterator", "data_batch"))
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -383,7 +388,7 @@ class _NonContrastive(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Build what ``__init__`` left unbuilt (the optimizer) under the model's strategy.
 
-        Keras 3 (checked on 3.15) builds a model made under a strategy from its first batch,
+        Keras 3 (3.5 to 3.15) builds a model made under a strategy from its first batch,
         which it first averages with ``strategy.reduce``; MultiWorkerMirroredStrategy cannot
         reduce a nest such as the (view1, view2) pair and fails. Every layer here is built in
         ``__init__``, so only the optimizer remains: it is built in the strategy's scope (its

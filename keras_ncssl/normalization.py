@@ -23,6 +23,8 @@ and config.
 import keras
 import tensorflow as tf
 
+from keras_ncssl._compat import batchnorm_renorm
+
 __all__ = ["FusedBatchNormalization"]
 
 
@@ -32,7 +34,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
     def _can_fuse(self, inputs, training, mask):
         return (bool(training) and self.trainable and mask is None and not self.synchronized
-                and not self.renorm and len(inputs.shape) == 4 and self.axis in (-1, 3)
+                and not batchnorm_renorm(self) and len(inputs.shape) == 4 and self.axis in (-1, 3)
                 and keras.backend.backend() == "tensorflow"
                 and inputs.dtype in (tf.float32, tf.bfloat16, tf.float16))
 

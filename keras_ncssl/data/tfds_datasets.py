@@ -99,9 +99,32 @@ def _prepare_tfds(builder, name: str, spec: TfdsSpec, download: bool) -> None:
             + (f"; {spec.archive_note}" if spec.archive_note else "") + f"): {e}") from e
 
 
+def _import_tfds():
+    """`tensorflow_datasets`, or an ImportError that names the usual cause and its fix.
+
+    tfds logs, and survives, a failed import of its protobuf modules, leaving a module without
+    `builder`. Seen with tensorflow-metadata 1.21.0, whose generated code needs protobuf >= 6.31
+    while it asks pip for >= 4.25 only, beside TensorFlow 2.16-2.19 (protobuf < 6).
+    """
+    import tensorflow_datasets as tfds
+    if hasattr(tfds, "builder"):
+        return tfds
+    import importlib.metadata
+    found = {}
+    for package in ("protobuf", "tensorflow-metadata", "tensorflow-datasets"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    raise ImportError(
+        "tensorflow_datasets failed to import its protobuf modules (see the error logged above); "
+        f"installed: {', '.join(f'{k} {v}' for k, v in found.items())}. With protobuf < 6 "
+        "(TensorFlow 2.16-2.19) fix: pip install 'tensorflow-metadata<1.21'")
+
+
 def _load_tfds(name: str, data_dir, validation_fraction: float, seed: int,
                download: bool) -> DatasetSplits:
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
     spec = TFDS_DATASETS[name]
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if not builder.is_prepared():
