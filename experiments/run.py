@@ -21,6 +21,7 @@ from absl import app, flags  # noqa: E402
 
 import runner_flags  # noqa: E402,F401  (defines every flag)
 
+flags.adopt_module_key_flags(runner_flags)  # --help lists the runner's flags
 FLAGS = flags.FLAGS
 
 

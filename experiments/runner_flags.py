@@ -12,7 +12,7 @@ import os
 
 from absl import flags
 
-from keras_ncssl import augment
+from keras_ncssl.augment import config as augment_config  # option parsing only: no TensorFlow
 
 TRAINING = []  # names of flags that define the pretraining run
 # Training flags a resumed run may change (--allow_changes): they enter no saved state. The
@@ -256,7 +256,7 @@ def _check_augmentation(config):
     given (0 = auto; strings), so that flags.json compares equal with a workdir made before
     they existed; runner.py resolves them."""
     try:
-        augment.with_view_options(config["augment"], config["augment_options"])
+        augment_config.with_view_options(config["augment"], config["augment_options"])
     except ValueError as error:
         raise ConfigError(f"--augment={config['augment']!r} --augment_options={config['augment_options']!r}: "
                          f"{error}") from None

@@ -28,15 +28,19 @@ normalisation), `geometry` (random parameters, separable crop/flip/blur), `views
 erasing, the view functions, multi-crop), `pipeline` (tf.data). Everything public is importable
 from `keras_ncssl.augment`.
 """
-from keras_ncssl.augment.config import (PRESETS, PresetLike, ViewConfig, get_preset, parse_view_options,
-                                       with_view_options)
-from keras_ncssl.augment.convert import (RESIZE_METHODS, convert_images, normalization_stats, normalize,
-                                         stage_variable_size)
-from keras_ncssl.augment.geometry import apply_separable, blur_matrix, resample_matrix, sample_crop_boxes
-from keras_ncssl.augment.pipeline import AUTOTUNE, eval_dataset, pretrain_dataset
-from keras_ncssl.augment.views import (LOCAL_CROP_SCALE, apply_view, augment_batch, blur_kernel_size,
-                                       erase_mask, local_view_config, make_view_fn, sample_view_params,
-                                       two_views)
+import importlib
+
+# Public name -> the module that defines it; imported on first use (PEP 562), so that the
+# option parser in `config` is usable without starting TensorFlow (experiments/runner_flags.py).
+_MODULES = {
+    "config": ("PRESETS", "PresetLike", "ViewConfig", "get_preset", "parse_view_options", "with_view_options"),
+    "convert": ("RESIZE_METHODS", "convert_images", "normalization_stats", "normalize", "stage_variable_size"),
+    "geometry": ("apply_separable", "blur_matrix", "resample_matrix", "sample_crop_boxes"),
+    "pipeline": ("AUTOTUNE", "eval_dataset", "pretrain_dataset"),
+    "views": ("LOCAL_CROP_SCALE", "apply_view", "augment_batch", "blur_kernel_size", "erase_mask",
+              "local_view_config", "make_view_fn", "sample_view_params", "two_views"),
+}
+_NAMES = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [
     "AUTOTUNE", "LOCAL_CROP_SCALE", "PRESETS", "PresetLike", "RESIZE_METHODS", "ViewConfig",
@@ -46,3 +50,15 @@ __all__ = [
     "resample_matrix", "sample_crop_boxes", "sample_view_params", "stage_variable_size",
     "two_views", "with_view_options",
 ]
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"keras_ncssl.augment.{_NAMES[name]}"), name)
+    if name in _MODULES:
+        return importlib.import_module(f"keras_ncssl.augment.{name}")
+    raise AttributeError(f"module 'keras_ncssl.augment' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_NAMES) + list(_MODULES))
