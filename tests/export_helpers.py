@@ -9,18 +9,22 @@ import numpy as np
 from keras_ncssl import encoders
 
 
-def bn_encoder(rng, shape, widths=(8, 16), name="encoder"):
-    """The library's small CNN (FusedBatchNormalization) with random BN statistics and affine
-    parameters, so inference mode, training mode and a wrong BN class all give other outputs."""
-    encoder = encoders.small_cnn(shape, widths=widths, name=name)
-    for layer in encoder.layers:
+def randomize_batchnorm(model, rng):
+    """Random BN statistics and affine parameters in every BatchNormalization of `model`, so
+    inference mode, training mode and a wrong BN class all give other outputs."""
+    for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.BatchNormalization):
             d = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(size=d).astype(np.float32))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=d).astype(np.float32))
             layer.gamma.assign(rng.uniform(0.5, 1.5, size=d).astype(np.float32))
             layer.beta.assign(rng.normal(scale=0.2, size=d).astype(np.float32))
-    return encoder
+    return model
+
+
+def bn_encoder(rng, shape, widths=(8, 16), name="encoder"):
+    """The library's small CNN (FusedBatchNormalization) with random BN parameters."""
+    return randomize_batchnorm(encoders.small_cnn(shape, widths=widths, name=name), rng)
 
 
 def relative_error(got, expected):

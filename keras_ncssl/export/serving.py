@@ -15,8 +15,7 @@ for `serve_normalized`, the exact [?, S, S, C] (a rank test with `tf.rank` would
 constant from the declared shape and never fire); `tf.debugging.Assert` for 1 or 3 channels,
 non-empty images and, for floats, values in [0, 255] (normalised images sent to `serve_float`
 have negative values and fail loudly instead of being embedded as wrong pixels). The dtype is
-checked by the signature itself. An empty batch returns [0, D] without calling the encoder
-(the oneDNN BatchNorm kernel rejects an empty batch).
+checked by the signature itself. An empty batch returns [0, D] (`embed`).
 
 Resizing: `tf.image.resize(..., antialias=True)` (the evaluation's op, ScaleAndTranslate) has
 no TFLite kernel, not even through Flex. The "resize" geometry therefore resamples with two
@@ -109,23 +108,30 @@ def checked_normalized(images, contract):
     return tf.ensure_shape(images, contract.input_shape)
 
 
-def embed(encoder, x, dim):
-    """Inference-mode embeddings, float32 [N, dim]; an empty batch gives [0, dim]."""
-    def call():
-        # float32 out even under a mixed-precision policy: callers compare embeddings.
-        return tf.cast(encoder(x, training=False), tf.float32)
-    return tf.cond(tf.shape(x)[0] > 0, call, lambda: tf.zeros([0, dim], tf.float32))
+def embed(encoder, x):
+    """Inference-mode embeddings, float32 [N, D]; an empty batch gives [0, D].
+
+    The oneDNN BatchNorm kernel rejects an empty batch, so one zero image is appended when
+    (and only when) the batch is empty, and cut off again. A `tf.cond` would do the same, but
+    tf2onnx cannot convert the encoder's variables inside a branch (BUILD_NOTES.md).
+    """
+    n = tf.shape(x)[0]
+    padded = tf.pad(x, [[0, tf.cast(tf.equal(n, 0), tf.int32)], [0, 0], [0, 0], [0, 0]])
+    # A reshape, not set_shape: TFLite's converter re-infers shapes and its Conv2D needs C.
+    padded = tf.reshape(padded, [-1, *x.shape[1:]])
+    # float32 out even under a mixed-precision policy: callers compare embeddings.
+    return tf.cast(encoder(padded, training=False), tf.float32)[:n]
 
 
-def add_signatures(archive, encoder, contract, dim):
+def add_signatures(archive, encoder, contract):
     """Adds the three endpoints to a `keras.export.ExportArchive` (`serve` first: default)."""
     def raw(signature):
         def fn(images):
-            return {OUTPUT_NAME: embed(encoder, raw_to_input(images, contract, signature), dim)}
+            return {OUTPUT_NAME: embed(encoder, raw_to_input(images, contract, signature))}
         return fn
 
     def normalized(images):
-        return {OUTPUT_NAME: embed(encoder, checked_normalized(images, contract), dim)}
+        return {OUTPUT_NAME: embed(encoder, checked_normalized(images, contract))}
 
     spec = [None, None, None, None]
     archive.add_endpoint(SIGNATURE, raw(SIGNATURE),

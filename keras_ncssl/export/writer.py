@@ -201,7 +201,7 @@ def export_encoder(model_or_encoder, path, input_shape=None, *, mean=None, std=N
 
     archive = keras.export.ExportArchive()
     archive.track(encoder)
-    serving.add_signatures(archive, encoder, contract, dim)
+    serving.add_signatures(archive, encoder, contract)
 
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
