@@ -13,7 +13,7 @@ went through a 28 x 28 encoder silently). Each function therefore checks its inp
 ops that run on every call and raise InvalidArgumentError: `tf.ensure_shape` for the rank and,
 for `serve_normalized`, the exact [?, S, S, C] (a rank test with `tf.rank` would be folded to a
 constant from the declared shape and never fire); `tf.debugging.Assert` for 1 or 3 channels,
-non-empty images and, for floats, values in [0, 255] (normalised images sent to `serve_float`
+height and width >= 1 and, for floats, values in [0, 255] (normalised images sent to `serve_float`
 have negative values and fail loudly instead of being embedded as wrong pixels). The dtype is
 checked by the signature itself. An empty batch returns [0, D] (`embed`).
 
