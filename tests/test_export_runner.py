@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from export_helpers import randomize_batchnorm, relative_error
-from test_runner import ROOT, parse
+from run_tiny import ROOT, parse
 from keras_ncssl import data, export
 
 FLAGS = ["--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--dataset=digits",
@@ -39,7 +39,8 @@ def test_serve_gives_the_runners_evaluation_features(trained, rng):
     import runner
     config, model = trained
     train = _splits(rng, (20, 20, 1))  # grey training data of another size than the encoder's
-    path = runner.export_stage(config, model, train)
+    path = runner.export_stage(config, model, train,
+                               {"step": 7, "total_steps": 10, "complete": False})
     loaded = export.load_encoder(path)
     worst = 0.0
     # The training data's own images, then images of other sizes and channel counts, each
@@ -61,7 +62,8 @@ def test_serve_gives_the_runners_evaluation_features(trained, rng):
     np.testing.assert_allclose(pre["std"], np.repeat(train.std, 3), rtol=1e-6)
     assert meta["keras_model"] == export.KERAS_FILE
     run = meta["metadata"]
-    assert run["training_step"] == 7 and run["training_flags"]["image_size"] == 16
+    assert run["training_step"] == 7 and run["training_complete"] is False
+    assert run["optimizer_iterations"] == 7 and run["training_flags"]["image_size"] == 16
     assert run["training_flags"]["dataset"] == "digits" and "workdir" not in run["training_flags"]
     assert run["accuracy"] is None and "no eval.json" in run["accuracy_missing_because"]
 
@@ -77,16 +79,21 @@ def _write_eval(config, **extra):
 def test_metadata_carries_the_accuracy_table_of_this_encoder_only(trained):
     import runner
     config, model = trained
-    _write_eval(config, training_step=7)
-    meta = runner.export_metadata(config, model)
+    _write_eval(config, encoder_step={"step": 7, "total_steps": 10, "complete": False})
+    meta = runner.export_metadata(config, model)  # the step from optimizer.iterations: 7
     assert meta["accuracy"] == {"protocol": "p",
                                 "trained": {"linear_probe_top1": 0.8, "knn_top1": 0.7},
                                 "random_init": {"linear_probe_top1": 0.3}}
     assert meta["accuracy_missing_because"] is None
     json.dumps(meta)  # stored as JSON
-    _write_eval(config, training_step=5)  # evaluated an earlier checkpoint
+    assert meta["training_step"] == 7 and meta["training_complete"] is None
+    # The runner's step of the restored checkpoint wins over the optimizer's count.
+    trained_step = {"step": 5, "total_steps": 10, "complete": False}
+    assert runner.export_metadata(config, model, trained_step)["accuracy"] is None
+    _write_eval(config, encoder_step=trained_step)  # evaluated an earlier checkpoint
     meta = runner.export_metadata(config, model)
     assert meta["accuracy"] is None and "(step 5)" in meta["accuracy_missing_because"]
+    assert runner.export_metadata(config, model, trained_step)["accuracy"]["trained"]
     # No step in eval.json: a checkpoint newer than it means another encoder.
     _write_eval(config)
     os.makedirs(os.path.join(config["workdir"], "checkpoints"))

@@ -8,7 +8,7 @@ One `InputContract` says how raw pixels become the encoder's input, exactly as
     x = geometry(x)                                   (to image_size x image_size, see GEOMETRIES)
     x = (x - mean) / std                              (per channel, statistics in [0, 1] units)
 
-The contract is checked once here (every bad argument named with its value and the fix) and
+("center_crop" works on the native pixels, so it comes first, as in `eval_dataset`.) The contract is checked once here (every bad argument named with its value and the fix) and
 written to the export's metadata, so a client in any language can reproduce it.
 """
 import dataclasses
