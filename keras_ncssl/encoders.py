@@ -4,7 +4,8 @@ Every builder returns a functional `keras.Model` mapping images (batch, H, W, C)
 features (batch, D), with D = `model.output_shape[-1]`. Built-in Keras layers plus
 `normalization.FusedBatchNormalization` (Keras' BatchNormalization trained with TensorFlow's
 fused kernel, same weights and config), so a `.keras` file needs `import keras_ncssl` to reload;
-an exported SavedModel (`export_encoder`) needs nothing.
+the export (`export_encoder`) needs nothing: a SavedModel, and an `encoder.keras` in which the
+fused layer is replaced by `keras.layers.BatchNormalization`.
 
 Conventions (chosen to match the PyTorch code the papers used, [LM] and torchvision):
 - Layout is channels-last on every layer (`data_format="channels_last"`, BN axis -1),

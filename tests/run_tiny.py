@@ -34,7 +34,8 @@ def run(workdir, *extra, check=True, timeout=600, base=TINY, stdout=None):
 
 
 def embeddings(workdir, x):
-    serve = tf.saved_model.load(os.path.join(workdir, "encoder")).signatures["serve"]
+    """The exported encoder's embeddings of normalised images (serve takes raw ones)."""
+    serve = tf.saved_model.load(os.path.join(workdir, "encoder")).signatures["serve_normalized"]
     return serve(images=tf.constant(x))["embeddings"].numpy()
 
 

@@ -48,11 +48,14 @@ def check_run(workdir, image_size, counts, pretrain_steps):
     report = json.loads((workdir / "report.json").read_text())
     assert {"random_init", "raw_pixels"} <= set(report["baselines"])
     assert (workdir / "report.md").stat().st_size > 0
-    serve = tf.saved_model.load(str(workdir / "encoder")).signatures["serve"]
+    signatures = tf.saved_model.load(str(workdir / "encoder")).signatures
+    serve = signatures["serve_normalized"]
     spec = serve.structured_input_signature[1]["images"]
     assert spec.shape.as_list() == [None, image_size, image_size, 3]
     out = serve(images=tf.random.normal((2, image_size, image_size, 3)))["embeddings"].numpy()
     assert out.shape == (2, 512) and np.all(np.isfinite(out))
+    raw = tf.zeros((2, image_size + 5, image_size - 3, 3), tf.uint8)  # raw pixels, another size
+    assert signatures["serve"](images=raw)["embeddings"].shape == (2, 512)
     return report
 
 

@@ -227,7 +227,8 @@ def child_stl10_run(workdir, steps):
     with open(os.path.join(run, "eval.json")) as handle:
         trained = json.load(handle)["trained"]
     import tensorflow as tf
-    serve = tf.saved_model.load(os.path.join(run, "encoder")).signatures["serve"]
+    # serve takes raw images of any size; serve_normalized declares the encoder's input shape.
+    serve = tf.saved_model.load(os.path.join(run, "encoder")).signatures["serve_normalized"]
     out.update(steps_per_epoch=pretrain["steps_per_epoch"], images_per_sec=pretrain["images_per_sec"],
                eval_counts=[trained["n_train"], trained["n_val"], trained["n_test"]],
                linear_probe_top1=trained["linear_probe_top1"],

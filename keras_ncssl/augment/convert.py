@@ -60,11 +60,13 @@ def stage_variable_size(image, image_size: int, ratio: float = 256.0 / 224.0) ->
 
     Resizes the shorter side to round(image_size * ratio) and centre-crops the square (the
     usual 256/224 ImageNet recipe), so pretraining can crop/resize it and evaluation can
-    centre-crop it. Needed because per-batch vectorisation wants one shape per batch.
+    centre-crop it. Needed because per-batch vectorisation wants one shape per batch. Also
+    takes a batch [B, H, W, C] of one size (the exported encoder's `serve` does), and pixel
+    values 0..255 as uint8 or float.
     """
     side = int(round(image_size * ratio))
     shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
     scale = side / tf.minimum(h, w)
     new = tf.cast(tf.math.ceil(tf.stack([h * scale, w * scale])), tf.int32)
     x = tf.image.resize(image, tf.maximum(new, side), method="bilinear", antialias=True)

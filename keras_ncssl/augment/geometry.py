@@ -55,7 +55,7 @@ def sample_crop_boxes(seed, batch_size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0
     return tf.stack([top, left, top + h, left + w], axis=1)
 
 
-def resample_matrix(start, length, in_size: int, out_size: int, flip=None) -> tf.Tensor:
+def resample_matrix(start, length, in_size, out_size: int, flip=None) -> tf.Tensor:
     """Per-sample 1-D resampling operators [B, out_size, in_size] for a crop along one axis.
 
     `start`, `length`: [B] crop position and extent as fractions of the axis. Output pixel k
@@ -64,8 +64,9 @@ def resample_matrix(start, length, in_size: int, out_size: int, flip=None) -> tf
     (bilinear) kernel widened to the source spacing when shrinking, i.e. antialiased like
     `tf.image.resize(..., antialias=True)`. Weights are renormalised at the border (edge
     clamp). A flipped sample gets its output order reversed, which mirrors the crop.
+    `in_size` may be a scalar tensor (the exported encoder resizes images of any size).
     """
-    in_px = float(in_size)
+    in_px = tf.cast(in_size, tf.float32)
     step = length * in_px / out_size  # source pixels per output pixel, [B]
     k = tf.range(out_size, dtype=tf.float32)
     u = (start * in_px)[:, None] + (k[None, :] + 0.5) * step[:, None] - 0.5  # [B, out]
