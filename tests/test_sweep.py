@@ -197,7 +197,7 @@ def test_eo_ridge_study_is_directpred_with_each_rule_at_its_best_ridge(tmp_path)
     configs = {c["name"]: c["flags"] for c in study["configs"]}
     assert configs["directpred"] == reference["flags"]
     eo = {name: flags for name, flags in configs.items() if "_ridge" in name}
-    assert len(eo) == 7
+    assert len(eo) == 9
     for name, flags in eo.items():
         rule, alpha = name.split("_ridge")
         changed = {flag for flag in flags if flag not in reference["flags"]}

@@ -15,8 +15,8 @@
 The rules run at their default scale="spectral" (every base's top eigenvalue ~1, as
 DirectPred's), so alpha is a ridge of the same size for each (BUILD_NOTES "Edge of
 Orthogonality at the paper's scale"). LRP has no column in the ridge tables and is not run.
-NS and NS^2 are also run at alpha 0.3 (SMALLER_RIDGE), to separate the ridge's effect from the
-rule's.
+NS and NS^2 are also run at alpha 0.3 and Stiefel at 0 and 0.15 (SMALLER_RIDGE), to separate
+the ridge's effect from the rule's.
 Everything else is DirectPred's reference setting (rho 0.3, freq 1, BYOL with EMA), so the rows
 differ only in the rule and its ridge. The question is the one of issue 25: does any rule
 collapse in dimension the way the identity predictor does (effective rank of F), or does each
@@ -47,8 +47,10 @@ def _name(rule, alpha):
 
 
 # The same rules at a smaller ridge, to tell the ridge's effect from the rule's: NS^2 at 0.3 is on
-# [EO]'s plateau (68.6 vs 68.8), NS at 0.3 is 1.3 points below its best (66.7 vs 68.0).
-SMALLER_RIDGE = (("newton_schulz", 0.3, 66.7), ("ns2", 0.3, 68.6))
+# [EO]'s plateau (68.6 vs 68.8), NS at 0.3 is 1.3 points below its best (66.7 vs 68.0); Stiefel
+# at 0 and 0.15 (66.7 and 67.7 vs 68.8) shows what its base does with less or no ridge.
+SMALLER_RIDGE = (("newton_schulz", 0.3, 66.7), ("ns2", 0.3, 68.6), ("stiefel", 0.0, 66.7),
+                 ("stiefel", 0.15, 67.7))
 
 CONFIGS = [
     {"name": "directpred", "flags": list(_DIRECTPRED),  # also evaluates the random-init / pixel baselines
