@@ -63,6 +63,7 @@ METRICS = (("linear_probe_top1", "linear probe (%)", "acc"),
            ("final_projection_std", "final projection std", "std"),
            ("final_effective_rank", "effective rank of F", "rank"),
            ("train_seconds", "train time (s)", "seconds"))
+_METRIC_KIND = {key: kind for key, _, kind in METRICS}
 BASELINE_METRICS = ("linear_probe_top1", "few_label_top1_mean", "knn_top1")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SEED_DIR = re.compile(r"^seed(\d+)$")
@@ -406,9 +407,15 @@ def _fmt(summary, kind, n_runs=None):
     return text
 
 
-def _describe(name, summary):
-    std = "n/a" if summary["std"] is None else f"{100 * summary['std']:.2f}"
-    return f"`{name}` {100 * summary['mean']:.2f} ± {std} (n={summary['n']})"
+def _display_scale(metric):
+    """(factor, unit) to show ``metric`` in a claim: accuracies in points, the rest as they are."""
+    return (100.0, " points") if _METRIC_KIND.get(metric, "acc") == "acc" else (1.0, "")
+
+
+def _describe(name, summary, metric="linear_probe_top1"):
+    scale, _ = _display_scale(metric)
+    std = "n/a" if summary["std"] is None else f"{scale * summary['std']:.2f}"
+    return f"`{name}` {scale * summary['mean']:.2f} ± {std} (n={summary['n']})"
 
 
 def _compare(a, b):
@@ -436,11 +443,12 @@ def check_claims(study, summaries, baselines):
                 result.update(verdict="not evaluated", detail=f"no runs of {', '.join(missing)}")
             else:
                 verdict, difference, tolerance = _compare(a, b)
+                scale, unit = _display_scale(metric)
                 result.update(verdict=verdict, difference=difference, tolerance=tolerance,
                               a_summary=a, b_summary=b,
-                              detail=f"{metric}: {_describe(claim['a'], a)} vs {_describe(claim['b'], b)}; "
-                                     f"difference {100 * difference:+.2f} points"
-                                     + ("" if tolerance is None else f", one std {100 * tolerance:.2f}"))
+                              detail=f"{metric}: {_describe(claim['a'], a, metric)} vs "
+                                     f"{_describe(claim['b'], b, metric)}; difference {scale * difference:+.2f}{unit}"
+                                     + ("" if tolerance is None else f", one std {scale * tolerance:.2f}"))
         else:
             result.update(_collapse_verdict(claim["config"], summaries.get(claim["config"]), random_init))
         results.append(result)

@@ -115,61 +115,6 @@ def test_lrp_survives_rank_deficient_f(rng):
     assert np.all(np.isfinite(kernel))
 
 
-def test_neumann_matches_formula(rng):
-    f = correlations(rng)["spd"]
-    c = rng.normal(size=f.shape)
-    scale = np.linalg.norm(f)
-    expected = (2 * np.eye(len(f)) - f / scale) @ (c / scale) + 0.15 * np.eye(len(f))
-    np.testing.assert_allclose(RULES["neumann"](f, cross_correlation=c, eps=0.15), expected, atol=1e-12)
-
-
-def well_conditioned(rng, d=16, low=0.1):
-    return spd(rng, d, rng.uniform(low, 1.0, size=d))
-
-
-def test_visser_converges_to_square_root(rng):
-    # eigenvalues of F/||F||_F are >= 0.1/sqrt(d)*... ; contraction |1 - sqrt(s)| per step.
-    f = well_conditioned(rng)
-    root = np_sqrtm(f / np.linalg.norm(f))
-    np.testing.assert_allclose(RULES["visser"](f, eps=0.0, iterations=200), root, atol=1e-8)
-    # the default 40 iterations: within 1e-3 for this conditioning (stated tolerance)
-    np.testing.assert_allclose(RULES["visser"](f, eps=0.0), root, atol=1e-3)
-
-
-def test_newton_schulz_converges_to_square_root(rng):
-    f = well_conditioned(rng)
-    root = np_sqrtm(f / np.linalg.norm(f))
-    np.testing.assert_allclose(RULES["newton_schulz"](f, eps=0.0, iterations=30), root, atol=1e-10)
-    # n = 9 (the [EO] setting): within 1e-2 here; the error falls quadratically with n
-    err9 = np.abs(RULES["newton_schulz"](f, eps=0.0) - root).max()
-    err12 = np.abs(RULES["newton_schulz"](f, eps=0.0, iterations=12) - root).max()
-    assert err9 < 1e-2 and err12 < 1e-6
-    _, inverse_root, scale = rules_module.newton_schulz_sqrt(tf.constant(f), 30)
-    np.testing.assert_allclose(inverse_root.numpy(), np.linalg.inv(root), atol=1e-8)
-    assert float(scale) == pytest.approx(np.linalg.norm(f))
-
-
-def test_ns2_is_fourth_root(rng):
-    f = well_conditioned(rng, low=0.3)
-    got = RULES["ns2"](f, eps=0.0, iterations=30)
-    root = np_sqrtm(f / np.linalg.norm(f))
-    fourth = np_sqrtm(root / np.linalg.norm(root))
-    np.testing.assert_allclose(got, fourth, atol=1e-8)
-
-
-def test_stiefel_is_polar_factor(rng):
-    # For a PSD F of rank r the polar factor is the projection onto its range.
-    d, r = 10, 6
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    s = np.concatenate([rng.uniform(0.5, 1.0, r), np.zeros(d - r)])
-    f = (q * s) @ q.T
-    got = RULES["stiefel"](f, eps=0.0, iterations=30)
-    projection = q[:, :r] @ q[:, :r].T
-    np.testing.assert_allclose(got / np.linalg.norm(got), projection / np.sqrt(r), atol=1e-6)
-    with_ridge = RULES["stiefel"](f, eps=0.3, iterations=30)
-    np.testing.assert_allclose(with_ridge - got, 0.3 * np.eye(d), atol=1e-12)
-
-
 MATMUL_ONLY = ["directcopy_frobenius", "neumann", "visser", "newton_schulz", "ns2", "stiefel"]
 DECOMPOSITIONS = {"SelfAdjointEigV2", "Eig", "Svd", "Qr", "MatrixInverse", "Cholesky"}
 

@@ -188,3 +188,30 @@ def test_flag_mismatches_compare_typed_values():
     assert sweep.flag_mismatches(args, training) == []
     bad = sweep.flag_mismatches(args + ["--noema", "--eps=0", "--epochs=5"], training)
     assert [line.split(":")[0] for line in bad] == ["--ema", "--epochs", "--eps"]
+
+
+def test_eo_ridge_study_is_directpred_with_each_rule_at_its_best_ridge(tmp_path):
+    study = sweep.load_study("eo_ridge")
+    reference = sweep.load_study("paper_claims")["configs"][0]
+    assert reference["name"] == "directpred"
+    configs = {c["name"]: c["flags"] for c in study["configs"]}
+    assert configs["directpred"] == reference["flags"]
+    eo = {name: flags for name, flags in configs.items() if "_ridge" in name}
+    assert len(eo) == 9
+    for name, flags in eo.items():
+        rule, alpha = name.split("_ridge")
+        changed = {flag for flag in flags if flag not in reference["flags"]}
+        assert changed == {f"--predictor={rule}", f"--eps={alpha}", "--eval_baselines=false"}, name
+        claim = next(c for c in study["claims"] if c.get("a") == name)
+        assert claim["b"] == "directpred" and claim["metric"] == "final_effective_rank"
+
+    # An effective-rank claim is shown in rank units, not as a percentage.
+    root = tmp_path / "sweep"
+    for seed in range(2):
+        _write(root, "directpred", seed, _report(0.8, 0.6, 0.7, 0.1, 5.0 + seed, 1.0))
+        _write(root, "stiefel_ridge0.3", seed, _report(0.8, 0.6, 0.7, 0.1, 2.0 + seed, 1.0))
+    claim = next(c for c in sweep.aggregate(study, str(root), write=False)["claims"]
+                 if c.get("a") == "stiefel_ridge0.3")
+    assert claim["verdict"] == sweep.NOT_HELD
+    assert "`stiefel_ridge0.3` 2.50 ± 0.71 (n=2) vs `directpred` 5.50 ± 0.71" in claim["detail"]
+    assert "difference -3.00, one std 0.71" in claim["detail"]

@@ -56,8 +56,9 @@ CONFIGS = [
     # [EO]'s ImageNet table: without a ridge NS^2 and Stiefel lose about 2 points (66.8 / 66.7 at
     # alpha = 0); alpha = 0.3 is Stiefel's best (68.8) and already on NS^2's plateau (68.6-68.8),
     # and it lifts the small eigen-directions that F^{1/4} / the polar factor would leave near 0.
-    # Our eps is added to a scale-free normalised base, so 0.3 is the same order as [EO]'s alpha
-    # relative to the predictor's top eigenvalue, not numerically the same quantity.
+    # Our eps is added to a base whose top eigenvalue is ~1 (the rules' scale="spectral", [EO]'s
+    # "maximal eigenvalue 1 by spectral normalization"), so it is [EO]'s alpha at that scale.
+    # (The rows in BUILD_NOTES "Reproduction study" predate this scale; see issue 25's section.)
     {"name": "ns2_ridge0.3", "flags": _directpred("--predictor=ns2", "--eps=0.3"),
      "description": "NS^2 ([EO], ~F^{1/4}, matmul only) with ridge eps 0.3 ([EO]: 68.6 at alpha 0.3)"},
     {"name": "stiefel_ridge0.3", "flags": _directpred("--predictor=stiefel", "--eps=0.3"),

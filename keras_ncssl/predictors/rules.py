@@ -7,9 +7,11 @@ that need the online/target cross-correlation C = E[f f'^T] take it as the keywo
 which is also the convention of [EO] (Z P ~ Z').
 
 Every rule is written as ``base(F) + eps * I``: DirectPred's p_j = r_j^power + eps is
-U diag(r^power) U^T + eps I, DirectCopy adds eps I, and [EO] adds its ridge alpha I. Every
-base is scale-free (F -> cF gives the same kernel) because the BYOL/SimSiam loss is
-l2-normalised, so only the size of ``eps`` relative to the normalised base matters.
+U diag(r^power) U^T + eps I, DirectCopy adds eps I, and [EO] adds its ridge alpha I. The
+BYOL/SimSiam loss is l2-normalised, so only the size of ``eps`` relative to the base matters:
+by default every base is scale-free (F -> cF gives the same kernel) with its top eigenvalue
+~1 (DirectPred's r_max = 1, DirectCopy's F / ||F||_2, the [EO] rules' scale="spectral"), so
+one eps means the same ridge for every rule.
 
 Sources: [DP] Tian, Chen & Ganguli, ICML 2021 (arXiv 2102.06810) and its official code
 (luckmatters ``boost_scale``); [DC] Wang et al., arXiv 2110.04947; [EO] Richemond et al.,
@@ -153,54 +155,114 @@ def direct_copy_kernel(correlation, eps=0.1, normalize="spectral"):
     return f + eps * _identity_like(f)
 
 
+# -- Edge of Orthogonality ([EO] §3.2, §4.3, §5.2, Table 1) -------------------------------------
+#
+# [EO] writes every predictor on the raw batch statistics Sigma = Z^T Z / b (and Z^T Z'), adds a
+# ridge alpha I swept over [0, 0.9], and says (§3.1) that the loss being scale-invariant, "we can
+# assume its maximal eigenvalue to be 1 at all times by spectral normalization". The absolute
+# scale of its ImageNet latents is unknown, so the printed formulas alone do not fix what alpha
+# means. scale="spectral" (default) applies each formula to F~ = F / ||F||_2 (C~ = C / ||F||_2),
+# which makes every base's top eigenvalue ~1, as DirectPred's and DirectCopy's are, so that
+# eps = alpha is a ridge of the same size for every rule. scale="paper" applies the printed
+# formulas to the raw F and C (the kernel then depends on the scale of the projections).
+
+_SCALES = ("spectral", "paper")
+SPECTRAL_SQUARINGS = 6  # ||F||_2 estimate within a factor rank^(1/128) (<= 1.05 for d <= 512)
+
+
+def spectral_norm_estimate(matrix, squarings=SPECTRAL_SQUARINGS):
+    r"""Matrix-multiply-only estimate of ||M||_2 for a symmetric M: its Schatten-2^(k+1) norm.
+
+    With k = ``squarings``, ||M^(2^k)||_F^(1/2^k) = (sum_i |s_i|^(2^(k+1)))^(1/2^(k+1)) lies in
+    [||M||_2, rank(M)^(1/2^(k+1)) ||M||_2]; each square is renormalised by its Frobenius norm
+    (the log-scales are accumulated), so nothing over- or underflows. k matmuls, no eigh.
+    """
+    if int(squarings) != squarings or squarings < 0:
+        raise ValueError(f"squarings must be an integer >= 0; got {squarings!r}.")
+    scale = _frobenius(matrix)
+    x = matrix / scale
+    log_norm = tf.zeros([], matrix.dtype)  # log ||(M / ||M||_F)^(2^j)||_F, j = 0 .. k
+    for _ in range(int(squarings)):
+        x = tf.matmul(x, x)
+        norm = _frobenius(x)
+        x = x / norm
+        log_norm = 2.0 * log_norm + tf.math.log(norm)
+    return scale * tf.exp(log_norm / 2.0 ** int(squarings))
+
+
+def _check_scale(scale):
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {_SCALES} ('spectral': top eigenvalue of the base ~1, "
+                         f"so eps is [EO]'s ridge alpha; 'paper': the printed formula on the raw F); "
+                         f"got {scale!r}.")
+
+
+def _eo_statistics(correlation, cross_correlation, scale):
+    """(F, C) as an [EO] formula sees them: divided by ||F||_2 under scale="spectral"."""
+    _check_scale(scale)
+    f = _symmetrize(tf.stop_gradient(correlation))
+    c = None if cross_correlation is None else tf.stop_gradient(cross_correlation)
+    if scale == "spectral":
+        top = tf.maximum(spectral_norm_estimate(f), tf.constant(np.finfo(np.float32).tiny, f.dtype))
+        f = f / top
+        c = None if c is None else c / top
+    return f, c
+
+
 @register_rule("lrp", needs_cross_correlation=True)
 def least_squares_kernel(correlation, cross_correlation=None, eps=0.0, jitter=1e-6):
-    r"""LRP, the linear regression predictor of [EO]: P = (Z^T Z)^{-1} Z^T Z' + eps I.
+    r"""LRP, the linear regression predictor of [EO] Eq. 5: P = (Z^T Z)^{-1} Z^T Z' + eps I.
 
-    With F = Z^T Z / b and C = Z^T Z' / b (online x target), P solves F P = C. F is often
-    rank-deficient (b < d, or a collapsing run), so we solve (F + jitter tr(F)/d I) P = C by
-    Cholesky: ``jitter`` is relative to F's mean eigenvalue, which keeps the rule scale-free.
+    With F = Z^T Z / b and C = Z^T Z' / b (online x target), P solves F P = C: already
+    scale-free, and ~I on the range of F when the target tracks the online network (C ~ F), so
+    eps is a ridge of the same size as for the other rules. F is often rank-deficient (b < d,
+    or a collapsing run), so we solve (F + jitter tr(F) I) P = C by Cholesky: relative to
+    tr(F) >= ||F||_2, which keeps the rule scale-free and the shift above float32 round-off
+    of F's top eigenvalues (relative to the *mean* eigenvalue, 1e-6 fell below it for a
+    few dominant eigenvalues and d >= 64: the solve then amplified round-off, ||P||_2 ~ 2).
     """
     _check_eps(eps)
     f = _symmetrize(tf.stop_gradient(correlation))
     c = tf.stop_gradient(cross_correlation)
     identity = _identity_like(f)
-    d = tf.cast(tf.shape(f)[-1], f.dtype)
-    ridge = jitter * tf.maximum(tf.linalg.trace(f) / d, tf.constant(np.finfo(np.float32).tiny, f.dtype))
+    ridge = jitter * tf.maximum(tf.linalg.trace(f), tf.constant(np.finfo(np.float32).tiny, f.dtype))
     chol = tf.linalg.cholesky(f + ridge * identity)
     return tf.linalg.cholesky_solve(chol, c) + eps * identity
 
 
 @register_rule("neumann", needs_cross_correlation=True)
-def neumann_kernel(correlation, cross_correlation=None, eps=0.0):
-    r"""NE [EO]: LRP with (Z^T Z)^{-1} replaced by its first-order Neumann series 2I - Z^T Z.
+def neumann_kernel(correlation, cross_correlation=None, eps=0.0, scale="spectral"):
+    r"""NE [EO Prop. 4, Eq. 6]: P = 2 Z^T Z' - Z^T Z Z^T Z' = (2I - F) C, + eps I.
 
-    [EO] leaves the scaling unspecified; the series needs the eigenvalues of the matrix in
-    (0, 2), so we apply it to F~ = F / ||F||_F (eigenvalues in [0, 1]):
-    P = (2I - F~) (C / ||F||_F) + eps I. Matrix multiplies only.
+    LRP with (Z^T Z)^{-1} replaced by its first-order Neumann series 2I - Z^T Z, which [EO]
+    says needs small latents "with well-chosen normalization". scale="spectral" applies it to
+    F~ = F / ||F||_2 and C~ = C / ||F||_2: F~'s eigenvalues lie in [0, 1], where the series is
+    valid, and for C ~ F the eigenvalues 2s - s^2 of the base peak at 1 (s = 1).
+    scale="paper": the raw 2C - FC. Matrix multiplies only.
     """
     _check_eps(eps)
-    f = _symmetrize(tf.stop_gradient(correlation))
-    scale = _frobenius(f)
+    f, c = _eo_statistics(correlation, cross_correlation, scale)
     identity = _identity_like(f)
-    return tf.matmul(2.0 * identity - f / scale, tf.stop_gradient(cross_correlation) / scale) + eps * identity
+    return tf.matmul(2.0 * identity - f, c) + eps * identity
 
 
 @register_rule("visser")
-def visser_kernel(correlation, eps=0.0, iterations=40, step=0.5):
-    r"""Visser iteration for F^{1/2} [EO]: P_0 = I / (2 step), P_{k+1} = P_k + step (F~ - P_k^2).
+def visser_kernel(correlation, eps=0.0, iterations=40, step=0.5, scale="spectral"):
+    r"""Visser iteration [EO Prop. 6]: P_0 = I / (2 step), P_{k+1} = P_k + step (F - P_k^2) -> F^{1/2}.
 
-    Applied to F~ = F / ||F||_F (eigenvalues in [0, 1]) so that, with ``step`` = 0.5, P_0 = I
-    starts above every root and each eigen-mode p <- p + step (s - p^2) contracts to sqrt(s)
-    at rate |1 - 2 step sqrt(s)|: fast for large s, slow for s -> 0 ([EO] runs "several
-    dozen" iterations; its step size is not in the main text). Returns P + eps I.
-    Matrix multiplies only.
+    [EO] gives neither the step nor the count ("several dozens" of iterations; the appendix is
+    not accessible here). With scale="spectral" (F~ = F / ||F||_2, top eigenvalue ~1) and
+    ``step`` = 0.5, P_0 = I starts on the top root and above every other; each eigen-mode
+    p <- p + step (s - p^2) contracts to sqrt(s) at rate |1 - 2 step sqrt(s)|: at once for
+    s ~ 1, slowly for s -> 0, where p ~ 1 / (step (k + 2)) (0.05 after 40 steps). A smaller
+    step starts from a larger multiple of I, which [EO] §6 credits for Visser's insensitivity
+    to the ridge. Returns P_n + eps I. Matrix multiplies only.
     """
     _check_eps(eps)
-    if int(iterations) < 1 or not 0 < step <= 1:
-        raise ValueError(f"visser needs iterations >= 1 and 0 < step <= 1; got iterations={iterations!r}, step={step!r}.")
-    f = _symmetrize(tf.stop_gradient(correlation))
-    f = f / _frobenius(f)
+    if int(iterations) != iterations or iterations < 1 or not 0 < step <= 1:
+        raise ValueError(f"visser needs an integer iterations >= 1 and 0 < step <= 1; "
+                         f"got iterations={iterations!r}, step={step!r}.")
+    f, _ = _eo_statistics(correlation, None, scale)
     identity = _identity_like(f)
     p = identity / (2.0 * step)
     for _ in range(int(iterations)):
@@ -209,12 +271,11 @@ def visser_kernel(correlation, eps=0.0, iterations=40, step=0.5):
 
 
 def newton_schulz_sqrt(matrix, iterations):
-    r"""Coupled Newton-Schulz iteration [EO] for the square root of a symmetric PSD matrix.
+    r"""Coupled Newton-Schulz iteration [EO Prop. 7] for the square root of a symmetric PSD matrix.
 
     A_0 = M / ||M||_F, B_0 = I; with T = 3I - B_k A_k: A_{k+1} = A_k T / 2, B_{k+1} = T B_k / 2.
     A_k -> (M / ||M||_F)^{1/2} and B_k -> (M / ||M||_F)^{-1/2}; 3 matmuls per iteration.
-    Returns (A_n, B_n, ||M||_F), i.e. the normalised root; multiply A_n by sqrt(||M||_F)
-    for the root of M itself.
+    Returns (A_n, B_n, ||M||_F); [EO]'s root of M itself is A_n sqrt(||M||_F).
     """
     scale = _frobenius(matrix)
     a = matrix / scale
@@ -226,48 +287,69 @@ def newton_schulz_sqrt(matrix, iterations):
     return a, b, scale
 
 
+def _newton_schulz_root(matrix, iterations):
+    """[EO]'s NS predictor of ``matrix``: A_n sqrt(||M||_F) ~ M^{1/2}."""
+    root, _, scale = newton_schulz_sqrt(matrix, iterations)
+    return root * tf.sqrt(scale)
+
+
 def _check_iterations(iterations):
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1; got {iterations!r}.")
 
 
 @register_rule("newton_schulz")
-def newton_schulz_kernel(correlation, eps=0.0, iterations=9):
-    r"""NS [EO]: P = (F / ||F||_F)^{1/2} by n = 9 coupled Newton-Schulz iterations, + eps I.
+def newton_schulz_kernel(correlation, eps=0.0, iterations=9, scale="spectral"):
+    r"""NS [EO Prop. 7]: P = A_n sqrt(||F||_F) ~ F^{1/2} by n = 9 coupled Newton-Schulz iterations, + eps I.
 
-    The normalised root (no sqrt(||F||_F) rescale) keeps the rule scale-free.
+    scale="spectral": of F~ = F / ||F||_2, so P ~ (F / ||F||_2)^{1/2}, top eigenvalue ~1.
+    (Eigen-modes far below the top converge slowly: after n steps a mode s << ||F||_F of
+    F / ||F||_F is only multiplied by ~1.5^n instead of sent to sqrt(s).)
     """
     _check_eps(eps)
     _check_iterations(iterations)
-    f = _symmetrize(tf.stop_gradient(correlation))
-    root, _, _ = newton_schulz_sqrt(f, iterations)
-    return root + eps * _identity_like(f)
+    f, _ = _eo_statistics(correlation, None, scale)
+    return _newton_schulz_root(f, iterations) + eps * _identity_like(f)
 
 
 @register_rule("ns2")
-def ns2_kernel(correlation, eps=0.0, iterations=7):
-    r"""NS^2 [EO]: Newton-Schulz applied twice (n = 7 each), P ~ (F / ||F||_F)^{1/4} up to scale, + eps I."""
-    _check_eps(eps)
-    _check_iterations(iterations)
-    f = _symmetrize(tf.stop_gradient(correlation))
-    root, _, _ = newton_schulz_sqrt(f, iterations)
-    root, _, _ = newton_schulz_sqrt(_symmetrize(root), iterations)
-    return root + eps * _identity_like(f)
+def ns2_kernel(correlation, eps=0.0, iterations=7, scale="spectral"):
+    r"""NS^2 [EO §4.3]: the NS predictor applied twice (n = 7 each), P ~ F^{1/4}, + eps I.
 
-
-@register_rule("stiefel")
-def stiefel_kernel(correlation, eps=0.0, iterations=9):
-    r"""Stiefel [EO]: P = (F^T F)^{-1/2} F^T / ||(F^T F)^{-1/2}||_F + eps I.
-
-    Newton-Schulz on F^T F gives B_n ~ (F^T F / ||F^T F||_F)^{-1/2}; B_n F^T is then the
-    orthogonal polar factor of F (a projection for a PSD, rank-deficient F) up to scale, and
-    dividing by ||B_n||_F fixes the scale as [EO] does. [EO] recommends this rule: robust
-    across the ridge and training length. Matrix multiplies only.
+    scale="spectral": of F~ = F / ||F||_2, so P ~ (F / ||F||_2)^{1/4}, top eigenvalue ~1.
     """
     _check_eps(eps)
     _check_iterations(iterations)
+    f, _ = _eo_statistics(correlation, None, scale)
+    root = _newton_schulz_root(f, iterations)
+    return _newton_schulz_root(_symmetrize(root), iterations) + eps * _identity_like(f)
+
+
+@register_rule("stiefel")
+def stiefel_kernel(correlation, eps=0.0, iterations=9, scale="spectral"):
+    r"""Stiefel [EO Prop. 10]: the projection (F^T F)^{-1/2} F^T of F onto the Stiefel manifold, + eps I.
+
+    [EO] orthonormalises the covariance of the *online* latents (F, not the online/target
+    cross-correlation): B_n from n = 9 Newton-Schulz iterations on F^T F, with
+    A_0 = F^T F / ||F^T F||_F, approximates (F^T F / ||F^T F||_F)^{-1/2}, and
+    P = B_n F^T / s. For a symmetric PSD F every eigen-mode that has converged has eigenvalue
+    sqrt(||F^T F||_F) in B_n F^T; modes too small to converge in n steps stay below it and
+    F's null modes stay 0. So B_n F^T is, up to that constant, the polar factor of F: a
+    projection onto F's dominant eigen-space.
+
+    scale="spectral": s = sqrt(||F^T F||_F), so converged modes are exactly 1 (P^T P = I on
+    them) and every eigenvalue lies in [0, 1]. scale="paper": s = ||B_n||_F as printed; that
+    divides by a norm dominated by F's small and null modes (B_n ~ 1.5^n there), which leaves
+    the base at 1e-3..1e-2 for d = 16..128 and makes any ridge >= 0.15 an identity predictor.
+    Both are the same matrix up to a positive factor (the same kernel at eps = 0). Matrix
+    multiplies only.
+    """
+    _check_eps(eps)
+    _check_iterations(iterations)
+    _check_scale(scale)
     f = _symmetrize(tf.stop_gradient(correlation))
-    f = f / _frobenius(f)
-    _, inverse_root, _ = newton_schulz_sqrt(tf.matmul(f, f, transpose_a=True), iterations)
+    gram = tf.matmul(f, f, transpose_a=True)
+    _, inverse_root, gram_norm = newton_schulz_sqrt(gram, iterations)
     p = tf.matmul(inverse_root, f, transpose_b=True)
-    return p / _frobenius(inverse_root) + eps * _identity_like(f)
+    divisor = tf.sqrt(gram_norm) if scale == "spectral" else _frobenius(inverse_root)
+    return p / divisor + eps * _identity_like(f)
