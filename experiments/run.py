@@ -18,6 +18,7 @@ sys.path.insert(0, _HERE)
 
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 import runner_flags  # noqa: E402,F401  (defines every flag)
 
@@ -28,6 +29,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag")
+    if not FLAGS["verbosity"].present:  # absl's app.run logs INFO (a line per checkpoint save): keep warnings
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         config = runner_flags.resolved(FLAGS)
         import runner  # imports TensorFlow: after flag parsing, so --help is fast

@@ -453,7 +453,9 @@ def evaluate(config, model, splits, trained_step=None):
         f"split as bank; few-label probe with {config['few_label_per_class']} labels per class over "
         f"{config['few_label_draws']} draws")}
     print("Evaluating the trained encoder ...", flush=True)
-    results["trained"] = evaluation.evaluate_encoder(model.encoder, train, val, test, **options)
+    # float32 features whatever the training precision (as the export computes them)
+    results["trained"] = evaluation.evaluate_encoder(encoders.float32_copy(model.encoder), train, val, test,
+                                                     **options)
     if config["eval_baselines"]:
         print("Evaluating the random-init baseline ...", flush=True)
         keras.utils.set_random_seed(config["seed"])
@@ -572,16 +574,18 @@ def preflight(config):
 def threads_for(config):
     """(intra_op, inter_op) thread counts for --threads (0 = TensorFlow's default).
 
-    auto: TensorFlow's default, except on a CPU-only machine where the measured best is taken
-    (BUILD_NOTES "Quick run speed")."""
+    auto: for the small CNN on a CPU-only machine, one intra-op thread (the online and target
+    passes of the two views then run side by side on the inter-op pool instead of splitting
+    each small kernel across cores; BUILD_NOTES "Quick run speed"); otherwise TensorFlow's
+    default, which suits the large kernels of the ResNets and accelerators."""
     if config["threads"] == "default":
         return 0, 0
     if config["threads"] == "auto":
-        return AUTO_THREADS if not runtime.accelerators() else (0, 0)
+        return SMALL_MODEL_CPU_THREADS if config["encoder"] == "small" and not runtime.accelerators() else (0, 0)
     return config["threads"]
 
 
-AUTO_THREADS = (0, 0)
+SMALL_MODEL_CPU_THREADS = (1, 0)
 
 
 def _config_errors(what, fn):
@@ -610,6 +614,8 @@ def run(config):
         steps = steps_per_epoch(config, splits, prepared.strategy.num_replicas_in_sync)
         prepared.trained_step = {"step": steps * config["epochs"], "total_steps": steps * config["epochs"],
                                  "complete": True}
+    if prepared.precision != "none":  # evaluation and export compute in float32 (encoders.float32_copy)
+        keras.config.set_dtype_policy("float32")
     if mode in ("all", "eval"):
         evaluate(config, model, splits, prepared.trained_step)
     if mode in ("all", "export"):

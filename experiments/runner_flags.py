@@ -55,8 +55,9 @@ flags.DEFINE_enum("on_corrupt", "raise", ["raise", "skip"], "--dataset=image_fol
 flags.DEFINE_string("rule_device", "auto", "Where DirectPredictor's rule runs: auto (the host CPU for eigh rules "
                     "when the model is on a GPU), cpu, none (with the model) or a device string.")
 flags.DEFINE_bool("debug", False, "Show Python tracebacks for configuration errors too.")
-flags.DEFINE_string("threads", "auto", "TensorFlow thread pools: auto (the fastest measured for this machine: "
-                    "see BUILD_NOTES), default (TensorFlow's), N (intra-op) or N,M (intra-op, inter-op).")
+flags.DEFINE_string("threads", "auto", "TensorFlow thread pools: auto (one intra-op thread for --encoder=small "
+                    "on a CPU-only machine, the fastest measured: BUILD_NOTES 'Quick run speed'; else TensorFlow's "
+                    "default), default (TensorFlow's), N (intra-op) or N,M (intra-op, inter-op).")
 # -- data --------------------------------------------------------------------------------------
 _training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry name (keras_ncssl.data).")
 _training(flags.DEFINE_integer, "image_size", 32, "Encoder input size (pixels).")
@@ -110,9 +111,10 @@ _training(flags.DEFINE_integer, "batch_size", 128, "Global batch size.")
 _training(flags.DEFINE_integer, "epochs", 100, "Pretraining epochs.")
 _training(flags.DEFINE_integer, "steps_per_epoch", 0, "Cap steps per epoch (0 = a full pass).")
 _training(flags.DEFINE_integer, "seed", 0, "Seed of weights, shuffling and augmentation.")
-_training(flags.DEFINE_enum, "mixed_precision", "none", ["auto", "none", "mixed_float16", "mixed_bfloat16"],
-          "Keras dtype policy; auto = mixed_bfloat16 on a CPU-only machine with native bf16 (AVX512_BF16/AMX), "
-          "else none (float32). Predictor statistics and eigh stay float32.")
+_training(flags.DEFINE_enum, "mixed_precision", "auto", ["auto", "none", "mixed_float16", "mixed_bfloat16"],
+          "Keras dtype policy of training; auto = mixed_bfloat16 on a CPU-only machine with native bf16 "
+          "(AVX512_BF16/AMX), else none (float32: GPUs, TPUs, older CPUs). Predictor statistics and eigh stay "
+          "float32; evaluation and the export always compute in float32.")
 _training(flags.DEFINE_bool, "jit_compile", False, "XLA-compile the train step.")
 # -- checkpoints, monitoring, evaluation ---------------------------------------------------------
 flags.DEFINE_integer("checkpoint_every_steps", 200, "Also checkpoint every N steps within an epoch (0: epoch ends only).")

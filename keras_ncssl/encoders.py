@@ -28,8 +28,8 @@ from keras import layers
 
 from keras_ncssl.normalization import FusedBatchNormalization
 
-__all__ = ["ENCODERS", "get_encoder", "resnet", "resnet18", "resnet34", "resnet50", "small_cnn",
-           "RESNET_STEMS", "conv_kernel_initializer"]
+__all__ = ["ENCODERS", "computes_in_float32", "float32_copy", "get_encoder", "resnet", "resnet18",
+           "resnet34", "resnet50", "small_cnn", "RESNET_STEMS", "conv_kernel_initializer"]
 
 RESNET_STEMS = ("cifar", "imagenet")
 _CL = "channels_last"
@@ -272,6 +272,39 @@ def get_encoder(name, input_shape, **options):
         raise ValueError(f"get_encoder: unknown option(s) {unknown} for encoder {name!r}; "
                          f"allowed: {', '.join(allowed)}.")
     return builder(input_shape, **options)
+
+
+def computes_in_float32(encoder):
+    """True when every layer of ``encoder`` (nested models included) computes in float32."""
+    def layers_of(model):
+        for layer in model.layers:
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from layers_of(layer)
+    return all(layer.compute_dtype == "float32" for layer in layers_of(encoder))
+
+
+def float32_copy(encoder):
+    """``encoder`` itself if it computes in float32, else a float32 clone with its weights.
+
+    Mixed precision (``mixed_bfloat16``/``mixed_float16``) is a training-speed choice: the
+    variables are float32 already, but features computed in bfloat16 keep ~3 significant digits.
+    Evaluation and export use this copy, so their features are the float32 function of the
+    trained weights on every machine (whether or not it has bf16 instructions)."""
+    if computes_in_float32(encoder):
+        return encoder
+
+    def clone(layer):
+        return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
+
+    try:
+        copy = keras.models.clone_model(encoder, clone_function=clone, recursive=True)
+    except ValueError as error:  # a subclassed model cannot be cloned layer by layer
+        raise ValueError(f"float32_copy: encoder {encoder.name!r} ({type(encoder).__name__}) computes in "
+                         f"{encoder.compute_dtype} and is not functional or sequential, so it cannot be "
+                         f"rebuilt in float32: {error}") from None
+    copy.set_weights(encoder.get_weights())
+    return copy
 
 
 def _builder_options(builder):

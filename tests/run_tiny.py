@@ -11,7 +11,7 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
 QUICK = "--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags")
-TINY = [QUICK, "--dataset=digits", "--image_size=16", "--channels=1", "--width_multiplier=0.25",
+TINY = [QUICK, "--mixed_precision=none", "--dataset=digits", "--image_size=16", "--channels=1", "--width_multiplier=0.25",
         "--projector_hidden=64", "--projection_dim=16", "--predictor_hidden=32", "--batch_size=32", "--epochs=2",
         "--steps_per_epoch=6", "--knn_monitor_bank=300", "--knn_monitor_queries=100", "--knn_k=20",
         "--few_label_draws=2", "--verbose=0"]

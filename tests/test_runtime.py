@@ -35,3 +35,18 @@ def test_describe_is_json_able():
     described = runtime.describe("none")
     assert json.loads(json.dumps(described))["precision"] == "none"
     assert {"intra_op_threads", "inter_op_threads", "cpu_native_bfloat16"} <= set(described)
+
+
+@pytest.mark.parametrize("flags,accelerators,expected", [
+    (["--encoder=small"], [], (1, 0)),                           # the quick run on a CPU
+    (["--encoder=resnet18"], [], (0, 0)),                        # large kernels: TensorFlow's pools
+    (["--encoder=small"], ["/physical_device:GPU:0"], (0, 0)),   # a GPU user's path is unchanged
+    (["--encoder=small", "--threads=default"], [], (0, 0)),
+    (["--encoder=small", "--threads=2,3"], [], (2, 3)),
+])
+def test_runner_threads(flags, accelerators, expected, monkeypatch):
+    from run_tiny import parse
+    config = parse(*flags)
+    import runner
+    monkeypatch.setattr(runtime, "accelerators", lambda: accelerators)
+    assert runner.threads_for(config) == expected

@@ -21,6 +21,8 @@ import runner_flags
 
 flags.DEFINE_integer("steps", 8, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, allocation).")
+flags.DEFINE_string("profile_dir", "", "Also trace --steps steps with the TensorFlow profiler into this "
+                    "folder (TensorBoard's Profile tab) and print where the time went (op_profile.py).")
 FLAGS = flags.FLAGS
 
 
@@ -62,6 +64,13 @@ def main(argv):
         one()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    if FLAGS.profile_dir:  # a separate traced run: tracing slows the steps it records
+        from benchmarks import op_profile
+        tf.profiler.experimental.start(FLAGS.profile_dir)
+        for _ in range(FLAGS.steps):
+            one()
+        tf.profiler.experimental.stop()
+        print(op_profile.summary(FLAGS.profile_dir, steps=FLAGS.steps), file=sys.stderr)
     described = runtime.describe()
     print(json.dumps({
         "bench": "train_step", "framework": f"keras {keras.__version__} / tf {tf.__version__}",

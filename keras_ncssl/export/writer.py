@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ncssl import encoders
 from keras_ncssl.evaluation import resolve_encoder
 from keras_ncssl.export import plain_keras, serving
 from keras_ncssl.export.contract import evaluation_input, make_contract
@@ -186,6 +187,8 @@ def export_encoder(model_or_encoder, path, input_shape=None, *, mean=None, std=N
     if not isinstance(encoder, keras.layers.Layer):
         raise ValueError(f"the encoder must be a Keras layer or model to be exported; got "
                          f"{type(encoder).__name__}")
+    if isinstance(encoder, keras.Model):  # deployed features are float32, whatever the training policy
+        encoder = encoders.float32_copy(encoder)
     if keras_model not in (None, True, False):
         raise ValueError(f"keras_model={keras_model!r}; choose True, False or None (auto)")
     path = os.path.abspath(os.fspath(path))
