@@ -24,15 +24,16 @@ class SpectrumMonitor(keras.callbacks.Callback):
     Scalars go into ``logs`` (``effective_rank``, ``alignment_mean``, ``commutator_norm``) so
     History, CSV and TensorBoard see them; the full per-epoch arrays stay in ``self.records``
     for the report. It warns when ``projection_std`` falls below ``collapse_std`` (the loss
-    keeps falling as a model collapses, PITFALLS.md) and when the predictor skipped updates
-    because of non-finite statistics.
+    keeps falling as a model collapses, PITFALLS.md; default
+    ``diagnostics.collapse_threshold(d)`` = 0.1/sqrt(d) of the model's projection dimension d)
+    and when the predictor skipped updates because of non-finite statistics.
     """
 
-    def __init__(self, probe_images=None, every_n_epochs=1, collapse_std=0.01):
+    def __init__(self, probe_images=None, every_n_epochs=1, collapse_std=None):
         super().__init__()
         self.probe_images = probe_images
         self.every_n_epochs = int(every_n_epochs)
-        self.collapse_std = float(collapse_std)
+        self.collapse_std = None if collapse_std is None else float(collapse_std)
         self.records = []
         self._skipped = 0
 
@@ -74,8 +75,11 @@ class SpectrumMonitor(keras.callbacks.Callback):
                 if key in record:
                     logs[key] = record[key]
         std = logs.get("projection_std")
-        if std is not None and float(std) < self.collapse_std:
-            warnings.warn(f"epoch {epoch + 1}: projection_std {float(std):.4g} < {self.collapse_std}: "
+        threshold = self.collapse_std
+        if threshold is None:
+            threshold = diagnostics.collapse_threshold(self.model.projector.output_shape[-1])
+        if std is not None and float(std) < threshold:
+            warnings.warn(f"epoch {epoch + 1}: projection_std {float(std):.4g} < {threshold:.4g}: "
                           "the representation is collapsing.", RuntimeWarning, stacklevel=2)
         skipped = getattr(self.model.predictor, "num_skipped", None)
         if skipped is not None and int(skipped.numpy()) > self._skipped:

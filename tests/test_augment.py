@@ -297,6 +297,7 @@ def test_pipeline_pairs_views_of_the_same_element():
     assert seen != sorted(seen)
 
 
+@pytest.mark.slow
 def test_views_differ_and_seeding_is_reproducible(rng):
     images = _np_images(rng, n=32, size=16)
 
@@ -349,6 +350,7 @@ def test_local_views_leave_the_global_views_unchanged(rng):
     assert default == dataclasses.replace(A.PRESETS["grayscale"][0], crop_scale=A.LOCAL_CROP_SCALE)
 
 
+@pytest.mark.slow
 def test_pretrain_dataset_with_local_views_yields_dicts():
     x = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16, 1)).astype(np.uint8)
     ds = A.pretrain_dataset(_image_ds(x), "grayscale", batch_size=4, image_size=16, channels=3,

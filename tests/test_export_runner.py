@@ -28,7 +28,7 @@ def _splits(rng, shape, mean=None, std=None, n=24):
 def trained(tmp_path, rng):
     """(config, model) as the runner builds them, with non-trivial BN state and step 7."""
     config = parse(*FLAGS, f"--workdir={tmp_path}")
-    import runner  # experiments/ is on sys.path after parse()
+    import runner
     model = runner.build_model(config, 10, 10, tf.distribute.get_strategy())
     randomize_batchnorm(model.encoder, rng)
     model.optimizer.iterations.assign(7)

@@ -76,7 +76,7 @@ def test_the_runner_skips_a_batch_with_a_nan_pixel_and_trains_on(tmp_path, monke
 
     config = parse(*TINY, f"--workdir={tmp_path / 'run'}", "--mode=pretrain", "--epochs=2", "--steps_per_epoch=6",
                    "--knn_monitor_every=0", f"--strategy={strategy}")
-    import runner  # importable after parse()
+    import runner
     if strategy != "default" and len(tf.config.list_logical_devices("CPU")) < 2:
         pytest.skip("needs two logical CPUs")
     original = runner.pretrain_input
