@@ -12,14 +12,10 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))
-sys.path.insert(0, _HERE)
-
 
 from absl import app, flags  # noqa: E402
 
-import runner_flags  # noqa: E402,F401  (defines every flag)
+import runner_flags  # noqa: E402  (defines every flag; experiments/ is this script's directory)
 
 flags.adopt_module_key_flags(runner_flags)  # --help lists the runner's flags
 FLAGS = flags.FLAGS

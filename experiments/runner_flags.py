@@ -297,3 +297,13 @@ def default(name):
 def training_subset(config):
     """The flags that define the pretraining run (compared against an existing workdir)."""
     return {name: config[name] for name in TRAINING}
+
+
+def training_differences(saved_training, training):
+    """{flag: (workdir's value, this run's value)} of every training flag that differs.
+
+    ``saved_training``: a workdir's flags.json "training"; a flag added after the workdir was
+    made is taken at its default there. One comparison for run.py's workdir check and the sweep's.
+    """
+    saved = {name: saved_training.get(name, default(name)) for name in training}
+    return {name: (saved[name], value) for name, value in training.items() if saved[name] != value}

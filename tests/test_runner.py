@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from run_tiny import ENV, ROOT, RUN, TINY, embeddings, error_lines, parse, run
 
@@ -160,19 +159,19 @@ def test_bad_flag_values_name_the_value_and_the_fix(flag, message):
 
 
 def test_stem_stride_reaches_the_small_encoder():
-    import runner
+    import builders
     for stride in (1, 2):
         config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), f"--stem_stride={stride}")
-        encoder = runner.build_encoder(config)
+        encoder = builders.build_encoder(config)
         first_conv = next(layer for layer in encoder.layers if "conv" in type(layer).__name__.lower())
         assert first_conv.strides == (stride, stride)
 
 
 def test_small_encoder_flags_build_that_architecture():
-    import runner
+    import builders
     config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--widths=8,16,24",
                    "--convs_per_stage=2", "--stem_stride=1")
-    encoder = runner.build_encoder(config)
+    encoder = builders.build_encoder(config)
     convs = [layer for layer in encoder.layers if "conv" in type(layer).__name__.lower()]
     assert [c.filters for c in convs] == [8, 8, 16, 16, 24, 24] and encoder.output_shape[-1] == 24
     assert [c.strides[0] for c in convs] == [1, 1, 2, 1, 2, 1]
@@ -180,13 +179,13 @@ def test_small_encoder_flags_build_that_architecture():
 
 def test_augment_options_reach_the_pretraining_views():
     """--augment_options changes the views the runner trains on (here: erase everything)."""
-    import runner
+    import pretraining
     from keras_ncssl import data
     config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--dataset=digits",
                    "--image_size=8", "--batch_size=4", "--augment_options=erase_prob=1,erase_scale=1:1,"
                    "erase_ratio=1:1,erase_value=1,jitter_prob=0")
     splits = data.load_dataset("digits", validation_fraction=0.1, seed=0)
-    view1, view2 = next(iter(runner.pretrain_input(config, splits, epoch=0)))
+    view1, view2 = next(iter(pretraining.pretrain_input(config, splits, epoch=0)))
     erased = (1.0 - np.asarray(splits.mean)) / np.asarray(splits.std)  # pixel value 1, normalised
     for view in (view1, view2):
         np.testing.assert_allclose(view.numpy(), np.broadcast_to(erased, view.shape), rtol=1e-5)
