@@ -252,3 +252,10 @@ def test_two_replica_run_end_to_end_and_exports(tmp_path):
     assert report["flags"]["strategy"] == "cpu:2" and report["linear_probe_top1"] > 0.1
     x = np.random.default_rng(2).normal(size=(2, 16, 16, 1)).astype(np.float32)
     assert np.all(np.isfinite(embeddings(workdir, x)))
+
+
+def test_predictor_flag_choices_are_the_rules_and_the_trainable_predictors():
+    """runner_flags cannot import the registry (TensorFlow) before --help: its list must match."""
+    import runner_flags
+    from keras_ncssl.predictors import RULES, TRAINABLE
+    assert sorted(runner_flags.PREDICTORS) == sorted([*RULES, *TRAINABLE])
