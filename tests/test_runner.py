@@ -257,5 +257,6 @@ def test_two_replica_run_end_to_end_and_exports(tmp_path):
 def test_predictor_flag_choices_are_the_rules_and_the_trainable_predictors():
     """runner_flags cannot import the registry (TensorFlow) before --help: its list must match."""
     import runner_flags
-    from keras_ncssl.predictors import RULES, TRAINABLE
+    from keras_ncssl.predictors import RULES
+    from keras_ncssl.predictors.baselines import TRAINABLE
     assert sorted(runner_flags.PREDICTORS) == sorted([*RULES, *TRAINABLE])
