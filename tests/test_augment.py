@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ncssl import augment as A, distribute
-from keras_ncssl.augment.views import _shift_hue
+from keras_ncssl.augment.views import shift_hue
 
 
 def _np_images(rng, n=8, size=16, channels=3):
@@ -142,7 +142,7 @@ def test_hue_shift_matches_tf_adjust_hue(rng):
     x = rng.uniform(size=(4, 6, 7, 3)).astype(np.float32)
     x[0, 0, 0] = [0.5, 0.5, 0.5]  # gray pixel: hue undefined, must stay put
     deltas = np.array([0.1, -0.3, 0.45, 0.0], np.float32)
-    got = _planar(_shift_hue(_planar(x), tf.reshape(deltas, [-1, 1, 1, 1]))).numpy()
+    got = _planar(shift_hue(_planar(x), tf.reshape(deltas, [-1, 1, 1, 1]))).numpy()
     ref = np.stack([tf.image.adjust_hue(x[i], deltas[i]).numpy() for i in range(4)])
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
