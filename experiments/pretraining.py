@@ -30,35 +30,35 @@ def epoch_seed(seed, epoch):
 
 
 def steps_per_epoch(config, splits, replicas):
-    if config["batch_size"] % replicas:
-        raise ConfigError(f"--batch_size={config['batch_size']} is not divisible by the {replicas} replicas "
-                         f"of --strategy={config['strategy']}; use a multiple of {replicas}.")
+    if config.optimisation.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.optimisation.batch_size} is not divisible by the {replicas} replicas "
+                         f"of --strategy={config.run.strategy}; use a multiple of {replicas}.")
     n = splits.num_examples["pretrain"]
-    if config["pretrain_limit"]:
-        n = min(n, config["pretrain_limit"])
-    steps = n // config["batch_size"]
-    if config["steps_per_epoch"]:
-        steps = min(steps, config["steps_per_epoch"])
+    if config.data.pretrain_limit:
+        n = min(n, config.data.pretrain_limit)
+    steps = n // config.optimisation.batch_size
+    if config.optimisation.steps_per_epoch:
+        steps = min(steps, config.optimisation.steps_per_epoch)
     if steps < 1:
-        raise ConfigError(f"--batch_size={config['batch_size']} exceeds the {n} pretraining images; use a "
+        raise ConfigError(f"--batch_size={config.optimisation.batch_size} exceeds the {n} pretraining images; use a "
                           f"batch size <= {n}.")
     return steps
 
 
 def pretrain_input(config, splits, epoch):
     images = splits.pretrain
-    if config["pretrain_limit"]:
-        images = images.take(config["pretrain_limit"])
-    preset = augment.with_view_options(config["augment"], config["augment_options"])
+    if config.data.pretrain_limit:
+        images = images.take(config.data.pretrain_limit)
+    preset = augment.with_view_options(config.data.augment, config.data.augment_options)
     local = {}
-    if config["local_views"]:
-        scale = [float(v) for v in config["local_crop_scale"]]
-        local = dict(local_views=config["local_views"],
-                     local_size=config["local_size"] or max(2, config["image_size"] // 2),
+    if config.data.local_views:
+        scale = [float(v) for v in config.data.local_crop_scale]
+        local = dict(local_views=config.data.local_views,
+                     local_size=config.data.local_size or max(2, config.data.image_size // 2),
                      local_config=augment.local_view_config(preset, scale))
     return augment.pretrain_dataset(
-        images, preset=preset, batch_size=config["batch_size"], image_size=config["image_size"],
-        channels=config["channels"], seed=epoch_seed(config["seed"], epoch), mean=splits.mean,
+        images, preset=preset, batch_size=config.optimisation.batch_size, image_size=config.data.image_size,
+        channels=config.data.channels, seed=epoch_seed(config.optimisation.seed, epoch), mean=splits.mean,
         std=splits.std, shuffle_buffer=min(splits.num_examples["pretrain"], 20_000), **local)
 
 
@@ -115,9 +115,9 @@ def _write_history_csv(path, history):
 def _fit_verbosity(config):
     """--verbose=auto: Keras' progress bar in a terminal; elsewhere (a file, make, CI) none, so
     the log holds only the runner's line per epoch instead of megabytes of redraws."""
-    if config["verbose"] == "auto":
+    if config.run.verbose == "auto":
         return 1 if sys.stdout.isatty() else 0
-    return int(config["verbose"])
+    return int(config.run.verbose)
 
 
 def _non_finite_weights(model):
@@ -129,42 +129,42 @@ def _non_finite_weights(model):
 def _diverged(config, message):
     return TrainingDivergedError(
         f"{message} No checkpoint with non-finite weights was written: the newest one in "
-        f"{workdir_file(config, 'checkpoints')} is the last finite state. To resume from it with a lower learning rate, "
-        f"rerun the same command with --lr={config['lr'] / 10:g} --allow_changes=lr.")
+        f"{workdir_file(config, 'checkpoints')} is the last finite state. To resume from it with a lower "
+        f"learning rate, rerun the same command with --lr={config.optimisation.lr / 10:g} --allow_changes=lr.")
 
 
 def pretrain(config, strategy, splits, model):
     steps = steps_per_epoch(config, splits, strategy.num_replicas_in_sync)
     # Every worker saves (the save is collective); only the chief writes the real directory.
     checkpoint = TrainingCheckpoint(distribute.worker_path(workdir_file(config, "checkpoints"), strategy),
-                                    model, config["keep_checkpoints"])
+                                    model, config.run.keep_checkpoints)
     state = checkpoint.restore()
     start_epoch, start_step, records = (0, 0, {"history": [], "spectrum": [], "train_seconds": 0.0,
                                                 "images_trained": 0}) if state is None else state
     if state is not None:
-        print(f"Resuming {config['workdir']} at epoch {start_epoch + 1}, step {start_step}/{steps}.")
+        print(f"Resuming {config.run.workdir} at epoch {start_epoch + 1}, step {start_step}/{steps}.")
         try:  # a constant --lr is an optimizer variable, restored with the checkpoint: --lr rules
-            model.optimizer.learning_rate = config["lr"]
+            model.optimizer.learning_rate = config.optimisation.lr
         except TypeError:  # a schedule: rebuilt from the flags, nothing was restored
             pass
     if state is None and (os.path.exists(workdir_file(config, "pretrain.json"))
                           or os.path.exists(workdir_file(config, "logs", "history.csv"))):
-        print(f"WARNING: {config['workdir']} has a training history but no checkpoint: training restarts from "
+        print(f"WARNING: {config.run.workdir} has a training history but no checkpoint: training restarts from "
               "scratch and its history is rewritten.", file=sys.stderr, flush=True)
-    if start_epoch >= config["epochs"]:
-        print(f"Pretraining already complete ({config['epochs']} epochs).")
+    if start_epoch >= config.optimisation.epochs:
+        print(f"Pretraining already complete ({config.optimisation.epochs} epochs).")
         return model
     # Trainable predictors keep no correlation: the monitor then measures F on these images.
     probe = eval_arrays(config, splits, "validation", 512)[0] if splits.num_classes else None
     monitor = SpectrumMonitor(probe_images=probe)  # warns below diagnostics.collapse_threshold(d)
     monitor.records = list(records["spectrum"])
     callbacks = [monitor]
-    if config["knn_monitor_every"] and splits.num_classes:
-        bank = eval_arrays(config, splits, "train", config["knn_monitor_bank"])
-        queries = eval_arrays(config, splits, "validation", config["knn_monitor_queries"])
-        knn = evaluation.KNNMonitor(*bank, *queries, k=min(config["knn_k"], len(bank[1])),
-                                    temperature=config["knn_temperature"],
-                                    every_n_epochs=config["knn_monitor_every"])
+    if config.evaluation.knn_monitor_every and splits.num_classes:
+        bank = eval_arrays(config, splits, "train", config.evaluation.knn_monitor_bank)
+        queries = eval_arrays(config, splits, "validation", config.evaluation.knn_monitor_queries)
+        knn = evaluation.KNNMonitor(*bank, *queries, k=min(config.evaluation.knn_k, len(bank[1])),
+                                    temperature=config.evaluation.knn_temperature,
+                                    every_n_epochs=config.evaluation.knn_monitor_every)
         callbacks.insert(0, knn)
         if state is None:  # the untrained encoder's value: the curve's own baseline
             knn.set_model(model)
@@ -184,7 +184,8 @@ def pretrain(config, strategy, splits, model):
             # Steps are being skipped: perhaps the start of a divergence. The newest checkpoint
             # stays the last one taken before it.
             where = f"epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"the end of epoch {epoch}"
-            print(f"Not checkpointing at {where}: the last step was skipped as non-finite.", file=sys.stderr, flush=True)
+            print(f"Not checkpointing at {where}: the last step was skipped as non-finite.", file=sys.stderr,
+                  flush=True)
             return
         records["spectrum"] = monitor.records
         if step_in_epoch:
@@ -193,10 +194,10 @@ def pretrain(config, strategy, splits, model):
             records.pop("partial_epoch", None)
         checkpoint.save(epoch, step_in_epoch, records, number=epoch * steps + step_in_epoch)
 
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, config.optimisation.epochs):
         first = start_step if epoch == start_epoch else 0
         dataset = pretrain_input(config, splits, epoch).skip(first).take(steps - first)
-        step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config["checkpoint_every_steps"], first)
+        step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config.run.checkpoint_every_steps, first)
         extra = [step_saver]
         partial = records.get("partial_epoch")
         if first and partial and (partial["epoch"], partial["step"]) == (epoch, first):
@@ -206,13 +207,14 @@ def pretrain(config, strategy, splits, model):
             history = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - first,
                                 callbacks=callbacks + extra, verbose=verbose)
         except models.NonFiniteTrainingError as error:
-            raise _diverged(config, f"epoch {epoch + 1}/{config['epochs']}: {error}") from None
+            raise _diverged(config, f"epoch {epoch + 1}/{config.optimisation.epochs}: {error}") from None
         seconds = time.perf_counter() - began
         logs = {k: float(v[-1]) for k, v in history.history.items()}
-        logs.update(epoch=epoch + 1, seconds=seconds, images_per_sec=(steps - first) * config["batch_size"] / seconds)
+        images = (steps - first) * config.optimisation.batch_size
+        logs.update(epoch=epoch + 1, seconds=seconds, images_per_sec=images / seconds)
         records["history"].append(logs)
         records["train_seconds"] += seconds
-        records["images_trained"] += (steps - first) * config["batch_size"]
+        records["images_trained"] += images
         save(epoch + 1, 0)
         if distribute.is_chief(strategy):
             _write_history_csv(workdir_file(config, "logs", "history.csv"), records["history"])
@@ -220,12 +222,12 @@ def pretrain(config, strategy, splits, model):
                            if k in logs)
         if logs.get("nonfinite_steps"):
             summary += f" nonfinite_steps={int(logs['nonfinite_steps'])}"
-        print(f"epoch {epoch + 1}/{config['epochs']}: {summary} ({seconds:.0f}s, "
+        print(f"epoch {epoch + 1}/{config.optimisation.epochs}: {summary} ({seconds:.0f}s, "
               f"{logs['images_per_sec']:.0f} img/s)", flush=True)
     if not distribute.is_chief(strategy):
         return model
     write_json_atomic(workdir_file(config, "pretrain.json"), {
-        "epochs": config["epochs"], "steps_per_epoch": steps, "history": records["history"],
+        "epochs": config.optimisation.epochs, "steps_per_epoch": steps, "history": records["history"],
         "spectrum": monitor.records, "knn_top1_at_init": records.get("knn_top1_at_init"),
         "train_seconds": records["train_seconds"], "runtime": runtime.describe(),
         "images_per_sec": records["images_trained"] / max(records["train_seconds"], 1e-9)})

@@ -41,7 +41,7 @@ def main(argv):
     from evaluation_stage import eval_arrays
     from keras_ncssl import evaluation
 
-    config = dict(runner_flags.resolved(FLAGS), mode="eval")
+    config = runner_flags.resolved(FLAGS).replace(mode="eval")
     cache = os.path.join(config["workdir"], "probe_features.npz")
     if not os.path.exists(cache):
         prepared = runner.preflight(config)  # the data and the model of the workdir's flags

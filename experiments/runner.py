@@ -23,18 +23,18 @@ from workdir import check_workdir, workdir_file
 
 
 def load_data(config):
-    options = {"download": True} if config["download"] else {}
-    if config["dataset"] == "image_folder":
-        options["on_corrupt"] = config["on_corrupt"]
-    splits = data.load_dataset(config["dataset"], data_dir=config["data_dir"],
-                               validation_fraction=config["validation_fraction"], seed=0, **options)
+    options = {"download": True} if config.data.download else {}
+    if config.data.dataset == "image_folder":
+        options["on_corrupt"] = config.data.on_corrupt
+    splits = data.load_dataset(config.data.dataset, data_dir=config.data.data_dir,
+                               validation_fraction=config.data.validation_fraction, seed=0, **options)
     counts = ", ".join(f"{split} {n}" for split, n in splits.num_examples.items())
     print(f"Data: {splits.name} from {splits.source or 'memory'} ({counts}).", flush=True)
     return splits
 
 
 def get_strategy(config):
-    return distribute.get_strategy(config["strategy"], tpu_address=config["tpu_address"])
+    return distribute.get_strategy(config.run.strategy, tpu_address=config.run.tpu_address)
 
 
 def restore_for_eval(config, splits, model):
@@ -43,22 +43,22 @@ def restore_for_eval(config, splits, model):
     Returns {"step", "total_steps", "complete"}: which training step the encoder comes from.
     """
     steps = steps_per_epoch(config, splits, 1)
-    total = steps * config["epochs"]
+    total = steps * config.optimisation.epochs
     checkpoint = TrainingCheckpoint(workdir_file(config, "checkpoints"), model)
     state = checkpoint.restore()
     if state is None:
-        raise ConfigError(f"--mode={config['mode']}: --workdir={config['workdir']} has no checkpoint to evaluate; "
+        raise ConfigError(f"--mode={config.run.mode}: --workdir={config.run.workdir} has no checkpoint to evaluate; "
                           "run --mode=pretrain first.")
     epoch, step_in_epoch, _ = state
     step = epoch * steps + step_in_epoch
     newest = checkpoint.fell_back_from
     complete = step >= total and newest is None
-    if not complete and not config["allow_partial"]:
+    if not complete and not config.run.allow_partial:
         why = (f"its newest checkpoint ({os.path.basename(newest)}) could not be read, and the newest readable one"
                if newest else "its training is unfinished: the newest checkpoint")
-        raise ConfigError(f"--mode={config['mode']}: --workdir={config['workdir']}: {why} is at step {step} of "
+        raise ConfigError(f"--mode={config.run.mode}: --workdir={config.run.workdir}: {why} is at step {step} of "
                           f"{total}. Finish training (rerun with --mode=pretrain), or pass --allow_partial to "
-                          f"{config['mode']} the step-{step} model.")
+                          f"{config.run.mode} the step-{step} model.")
     if not complete:
         print(f"WARNING: --allow_partial: using the model of step {step} of {total}.", file=sys.stderr, flush=True)
     return {"step": step, "total_steps": total, "complete": complete}
@@ -138,7 +138,7 @@ def _config_errors(what, fn):
 
 def run(config):
     """Run the stages --mode asks for on --workdir (see preflight for what is checked first)."""
-    mode = config["mode"]
+    mode = config.run.mode
     prepared = preflight(config)
     check_workdir(config)
     model, splits = prepared.model, prepared.splits
@@ -148,8 +148,8 @@ def run(config):
         model = pretrain(config, prepared.strategy, splits, model)
     if mode == "all":
         steps = steps_per_epoch(config, splits, prepared.strategy.num_replicas_in_sync)
-        prepared.trained_step = {"step": steps * config["epochs"], "total_steps": steps * config["epochs"],
-                                 "complete": True}
+        total = steps * config.optimisation.epochs
+        prepared.trained_step = {"step": total, "total_steps": total, "complete": True}
     if mode in ("all", "eval"):
         evaluate(config, model, splits, prepared.trained_step)
     if mode in ("all", "export"):

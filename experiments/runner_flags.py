@@ -13,6 +13,7 @@ import os
 from absl import flags
 
 from keras_ncssl.augment import config as augment_config  # option parsing only: no TensorFlow
+from run_config import RunConfig
 
 TRAINING = []  # names of flags that define the pretraining run
 # Training flags a resumed run may change (--allow_changes): they enter no saved state. The
@@ -177,7 +178,9 @@ def _check_ranges(config):
 
 
 def resolved(values):
-    """A plain dict of every flag of this module, validated; raises ConfigError naming the fix."""
+    """The RunConfig of the flags ``values``: every check on the values alone, then the typed,
+    grouped configuration; raises ConfigError naming the flag and the fix. The one place a run's
+    configuration is built (run.py, the sweep, the benchmarks, the tests)."""
     config = {name: values[name].value for name in NAMES}
     rho = str(config["rho"]).lower()
     if rho == "none":
@@ -214,7 +217,7 @@ def resolved(values):
     if unknown:
         raise ConfigError(f"--allow_changes={','.join(config['allow_changes'])}: {', '.join(unknown)} cannot change "
                           f"on resume (allowed: {', '.join(RESUMABLE)}); start a new --workdir instead.")
-    return config
+    return RunConfig(config)
 
 
 def _parse_threads(value):

@@ -24,7 +24,7 @@ class ConfigMismatchError(ConfigError):
 
 def workdir_file(config, *parts):
     """A path inside --workdir."""
-    return os.path.join(config["workdir"], *parts)
+    return os.path.join(config.run.workdir, *parts)
 
 
 def check_workdir(config):
@@ -39,7 +39,7 @@ def check_workdir(config):
     if os.path.exists(flags_path):
         saved = read_json(flags_path)
         diff = runner_flags.training_differences(saved.get("training", {}), training)
-        allowed = {k: d for k, d in diff.items() if k in config["allow_changes"]}
+        allowed = {k: d for k, d in diff.items() if k in config.run.allow_changes}
         refused = {k: d for k, d in diff.items() if k not in allowed}
         if refused:
             lines = "; ".join(f"--{k}: workdir has {a!r}, this run asks {b!r}" for k, (a, b) in sorted(refused.items()))
@@ -47,9 +47,9 @@ def check_workdir(config):
             hint = (f" (or, to change {', '.join(resumable)} on resume, add --allow_changes={','.join(resumable)})"
                     if resumable else "")
             raise ConfigMismatchError(
-                f"--workdir={config['workdir']} belongs to a different configuration: {lines}. Use a new --workdir, "
+                f"--workdir={config.run.workdir} belongs to a different configuration: {lines}. Use a new --workdir, "
                 f"or repeat the original flags to resume it{hint}. Nothing was changed.")
-        if allowed and config["mode"] in ("all", "pretrain"):
+        if allowed and config.run.mode in ("all", "pretrain"):
             saved["training"].update({k: b for k, (a, b) in allowed.items()})
             saved.setdefault("history", []).append({
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -58,8 +58,8 @@ def check_workdir(config):
             print("Changed on resume (recorded in flags.json): "
                   + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in sorted(allowed.items())), flush=True)
         return
-    if config["mode"] not in ("all", "pretrain"):
-        raise ConfigError(f"--mode={config['mode']} needs an existing work directory with a pretrained model; "
-                          f"--workdir={config['workdir']} has no flags.json. Run --mode=pretrain (or all) first.")
-    os.makedirs(config["workdir"], exist_ok=True)
-    write_json_atomic(flags_path, {"training": training, "all": config})
+    if config.run.mode not in ("all", "pretrain"):
+        raise ConfigError(f"--mode={config.run.mode} needs an existing work directory with a pretrained model; "
+                          f"--workdir={config.run.workdir} has no flags.json. Run --mode=pretrain (or all) first.")
+    os.makedirs(config.run.workdir, exist_ok=True)
+    write_json_atomic(flags_path, {"training": training, "all": config.as_dict()})

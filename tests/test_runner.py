@@ -260,3 +260,26 @@ def test_predictor_flag_choices_are_the_rules_and_the_trainable_predictors():
     from keras_ncssl.predictors import RULES
     from keras_ncssl.predictors.baselines import TRAINABLE
     assert sorted(runner_flags.PREDICTORS) == sorted([*RULES, *TRAINABLE])
+
+
+def test_run_configuration_groups_every_flag_once_and_never_changes():
+    import dataclasses
+
+    import run_config
+    import runner_flags
+    config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), "--rho=none", "--widths=8,16")
+    assert isinstance(config, run_config.RunConfig)
+    fields = [f.name for cls in run_config.GROUPS.values() for f in dataclasses.fields(cls)]
+    assert sorted(fields) == sorted(runner_flags.NAMES)  # each flag in exactly one group
+    # The groups hold the resolved values; the flat names read the same ones.
+    assert config.predictor.rho is None and config.model.widths == [8, 16] and config["widths"] == [8, 16]
+    assert config.optimisation.lr == config["lr"] and config.model.encoder == "small"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optimisation.lr = 1.0
+    with pytest.raises(AttributeError, match="replace"):
+        config.model = None
+    evaluating = config.replace(mode="eval")
+    assert (evaluating.run.mode, config.run.mode) == ("eval", "all")
+    assert json.loads(json.dumps(evaluating.as_dict()))["mode"] == "eval"
+    with pytest.raises(KeyError, match="no flag 'nope'"):
+        config["nope"]

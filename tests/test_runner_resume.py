@@ -101,7 +101,7 @@ def test_the_runner_skips_a_batch_with_a_nan_pixel_and_trains_on(tmp_path, monke
 
 def runner_model(runner, config):
     """The trained model restored from the workdir's newest checkpoint."""
-    config = dict(config, mode="eval")
+    config = config.replace(mode="eval")
     prepared = runner.preflight(config)
     runner.restore_for_eval(config, prepared.splits, prepared.model)
     return prepared.model

@@ -28,7 +28,7 @@ def main(argv):
     FLAGS(["bench.py train_step", *runner_flags.resolve_flagfile_arguments(argv)])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        config = dict(runner_flags.resolved(FLAGS), mode="pretrain")
+        config = runner_flags.resolved(FLAGS).replace(mode="pretrain")
         import builders
         import runner
         prepared = runner.preflight(config)
