@@ -1,4 +1,5 @@
-"""Keras callbacks that watch the predictor and the representation during training."""
+"""Keras callbacks that watch training: the predictor and the representation (SpectrumMonitor),
+and the stop on consecutive non-finite steps that every BYOL/SimSiam fit adds (StopOnNonFinite)."""
 import warnings
 
 import keras
@@ -86,3 +87,39 @@ class SpectrumMonitor(keras.callbacks.Callback):
             warnings.warn(f"epoch {epoch + 1}: the predictor skipped {int(skipped.numpy()) - self._skipped} "
                           "update(s) with non-finite statistics.", RuntimeWarning, stacklevel=2)
             self._skipped = int(skipped.numpy())
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training diverged: too many consecutive steps had a non-finite loss or gradients."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `NonFiniteTrainingError` once ``max_consecutive_nonfinite`` steps in a row were
+    skipped; warns at the epoch's end about steps that were skipped and then recovered."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = int(limit)
+        self.epoch, self.batch, self.reported = 0, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        if self.reported is None:
+            self.reported = int(self.model.nonfinite_steps.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch = batch
+        run = int(self.model.consecutive_nonfinite_steps.numpy())
+        if self.limit and run >= self.limit:
+            raise NonFiniteTrainingError(
+                f"training diverged: {run} consecutive steps had a non-finite loss or gradients (epoch "
+                f"{self.epoch + 1}, batch {batch + 1} of the epoch, optimizer step "
+                f"{int(self.model.optimizer.iterations.numpy())}); every skipped step left the weights "
+                "unchanged. Lower the learning rate, or check the inputs for NaN/Inf.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        total = int(self.model.nonfinite_steps.numpy())
+        if total > self.reported:
+            warnings.warn(f"epoch {epoch + 1}: {total - self.reported} training step(s) had a non-finite loss "
+                          "or gradients and were skipped (see nonfinite_steps).", RuntimeWarning, stacklevel=2)
+            self.reported = total

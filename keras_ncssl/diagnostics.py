@@ -244,7 +244,7 @@ def effective_rank(F):
 def collapse_threshold(projection_dim):
     r"""The projection std below which a representation counts as collapsed: :math:`0.1/\sqrt{d}`.
 
-    ``projection_std`` (`keras_ncssl.models.projection_std`) of l2-normalised d-dimensional
+    ``projection_std`` (`keras_ncssl.losses.projection_std`) of l2-normalised d-dimensional
     projections is about :math:`1/\sqrt{d}` when they spread over the sphere and 0 when they
     collapse to a point ([SimSiam] Chen & He, CVPR 2021, Fig. 2); a tenth of the healthy value
     separates the two with a wide margin. One threshold for the training monitor
