@@ -86,7 +86,7 @@ def write(config):
     workdir = config["workdir"]
     pretrain = _load(workdir, "pretrain.json") or {}
     evaluation = _load(workdir, "eval.json") or {}
-    flags = (_load(workdir, "flags.json") or {}).get("all", config)
+    flags = (_load(workdir, "flags.json") or {}).get("all") or dict(config)
     trained = evaluation.get("trained", {})
     history = pretrain.get("history", [])
     spectrum = pretrain.get("spectrum", [])

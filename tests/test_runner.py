@@ -283,3 +283,12 @@ def test_run_configuration_groups_every_flag_once_and_never_changes():
     assert json.loads(json.dumps(evaluating.as_dict()))["mode"] == "eval"
     with pytest.raises(KeyError, match="no flag 'nope'"):
         config["nope"]
+
+
+def test_report_of_an_empty_workdir_records_the_run_configuration(tmp_path):
+    import report
+    config = parse("--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags"), f"--workdir={tmp_path}")
+    path = report.write(config)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["flags"] == json.loads(json.dumps(config.as_dict())) and saved[report.LINEAR_PROBE] is None
+    assert "--encoder=small" in open(path).read()
