@@ -256,7 +256,8 @@ def test_a_workdir_is_compared_by_resolved_values(tmp_path):
     (workdir / "flags.json").write_text(json.dumps({"training": saved}))
 
     def problems(*args):
-        return sweep_runs.mismatches({"workdir": str(workdir), "training": sweep_runs.training_flags(base + list(args))})
+        training = sweep_runs.training_flags(base + list(args))
+        return sweep_runs.mismatches({"workdir": str(workdir), "training": training})
 
     assert problems("--rho=0.30", "--eps=1e-1", "--ema", "--epochs=4", "--verbose=2") == []
     bad = problems("--noema", "--eps=0", "--epochs=5", "--stem_stride=1", "--projection_dim=32")
