@@ -174,8 +174,10 @@ def child_multi_gpu(device_type):
     if device_type == "CPU":
         tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                                    [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import dist_worker as dw
+    import importlib.util  # the tests' two-replica model and data, loaded by path (no sys.path edit)
+    spec = importlib.util.spec_from_file_location("dist_worker", os.path.join(ROOT, "tests", "dist_worker.py"))
+    dw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dw)
     from keras_ncssl import distribute
 
     gpus = [d.name for d in tf.config.list_logical_devices(device_type)]
