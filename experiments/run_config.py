@@ -9,6 +9,7 @@ gives a new one.
 """
 import collections.abc
 import dataclasses
+import types
 from typing import List, Optional, Tuple, Union
 
 
@@ -128,12 +129,15 @@ class RunConfig(collections.abc.Mapping):
 
     def __init__(self, values):
         missing = sorted(set(GROUP_OF) - set(values))
-        unknown = sorted(set(values) - set(GROUP_OF))
-        if missing or unknown:
-            raise ValueError(f"RunConfig: missing {missing}, unknown {unknown}")
+        if missing:
+            raise ValueError(f"RunConfig: no value for {missing}")
         for group, cls in GROUPS.items():
             names = [field.name for field in dataclasses.fields(cls)]
             object.__setattr__(self, group, cls(**{name: values[name] for name in names}))
+        # A flag defined in runner_flags but not yet given a group here: still readable by name
+        # (config["name"]); tests/test_runner.py fails until it is added to its group above.
+        object.__setattr__(self, "ungrouped", types.MappingProxyType(
+            {name: value for name, value in values.items() if name not in GROUP_OF}))
 
     run: RunSettings
     data: DataConfig
@@ -146,16 +150,17 @@ class RunConfig(collections.abc.Mapping):
         raise AttributeError("a RunConfig does not change: use config.replace(name=value)")
 
     def __getitem__(self, name):
-        try:
+        if name in GROUP_OF:
             return getattr(getattr(self, GROUP_OF[name]), name)
-        except KeyError:
-            raise KeyError(f"no flag {name!r} in the run configuration") from None
+        if name in self.ungrouped:
+            return self.ungrouped[name]
+        raise KeyError(f"no flag {name!r} in the run configuration")
 
     def __iter__(self):
-        return iter(GROUP_OF)
+        return iter([*GROUP_OF, *self.ungrouped])
 
     def __len__(self):
-        return len(GROUP_OF)
+        return len(GROUP_OF) + len(self.ungrouped)
 
     def __repr__(self):
         return "RunConfig(" + ", ".join(f"{group}={getattr(self, group)!r}" for group in GROUPS) + ")"
@@ -166,4 +171,4 @@ class RunConfig(collections.abc.Mapping):
 
     def as_dict(self):
         """{flag name: value}: what flags.json's "all" records."""
-        return {name: self[name] for name in GROUP_OF}
+        return {name: self[name] for name in self}

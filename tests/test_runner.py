@@ -271,6 +271,7 @@ def test_run_configuration_groups_every_flag_once_and_never_changes():
     assert isinstance(config, run_config.RunConfig)
     fields = [f.name for cls in run_config.GROUPS.values() for f in dataclasses.fields(cls)]
     assert sorted(fields) == sorted(runner_flags.NAMES)  # each flag in exactly one group
+    assert not config.ungrouped  # a new flag: add it to its group in run_config.py
     # The groups hold the resolved values; the flat names read the same ones.
     assert config.predictor.rho is None and config.model.widths == [8, 16] and config["widths"] == [8, 16]
     assert config.optimisation.lr == config["lr"] and config.model.encoder == "small"
