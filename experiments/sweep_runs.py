@@ -49,7 +49,7 @@ def plan(study, base_flagfile, root, seeds, only=None, extra=(), python=sys.exec
             workdir = os.path.abspath(os.path.join(root, config["name"], f"seed{seed}"))
             own = config["flags"] + extra + [f"--seed={seed}"]
             try:
-                training = training_flags([f"--flagfile={base}", *own])
+                training = training_flags([f"--flagfile={base}", *own, f"--workdir={workdir}"])
             except runner_flags.ConfigError as error:
                 raise ValueError(f"configuration {config['name']} (seed {seed}): {error}") from None
             runs.append({"config": config["name"], "seed": int(seed), "workdir": workdir,
