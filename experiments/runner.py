@@ -23,6 +23,7 @@ from workdir import check_workdir, workdir_file
 
 
 def load_data(config):
+    """The dataset's splits (keras_ncssl.data) of ``config.data``; prints what was loaded."""
     options = {"download": True} if config.data.download else {}
     if config.data.dataset == "image_folder":
         options["on_corrupt"] = config.data.on_corrupt
@@ -34,6 +35,7 @@ def load_data(config):
 
 
 def get_strategy(config):
+    """The tf.distribute strategy of --strategy (configures devices: before TensorFlow starts)."""
     return distribute.get_strategy(config.run.strategy, tpu_address=config.run.tpu_address)
 
 
