@@ -12,7 +12,7 @@ import types
 import keras
 import tensorflow as tf
 
-import builders
+from builders import build_model
 from evaluation_stage import evaluate
 from export_stage import export_stage
 from keras_ncssl import data, distribute, encoders, runtime
@@ -105,7 +105,7 @@ def preflight(config):
 
     def build():
         with strategy.scope():
-            return builders.build_model(config, steps * config["epochs"], steps, strategy)
+            return build_model(config, steps * config["epochs"], steps, strategy)
 
     prepared.model = _config_errors("the model of these flags (--encoder, --predictor, --eps ...)", build)
     return prepared
