@@ -8,12 +8,8 @@ prints one JSON line per measurement. Performance goals are checked here, never 
     python experiments/bench.py input --dataset=fashion_mnist --preset=grayscale
 """
 import importlib
-import os
 import pkgutil
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def available():

@@ -13,10 +13,8 @@ at the paper's scale" quotes this table.
 """
 import importlib.util
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before keras_ncssl.predictors loads TensorFlow
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -11,14 +11,10 @@ WORKDIR/probe_features.npz.
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))
-sys.path.insert(0, _HERE)
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import runner_flags  # noqa: E402,F401  (defines every flag)
+import runner_flags  # defines every flag of run.py
 
 FLAGS = flags.FLAGS
 
@@ -39,17 +35,21 @@ def preprocess(kind, reference, x):
 def main(argv):
     del argv
     import keras
+
     import runner
+    from builders import build_encoder
+    from evaluation_stage import eval_arrays
     from keras_ncssl import evaluation
 
-    config = runner_flags.resolved(FLAGS)
+    config = runner_flags.resolved(FLAGS).replace(mode="eval")
     cache = os.path.join(config["workdir"], "probe_features.npz")
     if not os.path.exists(cache):
-        splits = runner.load_data(config)
-        model = runner.restore_for_eval(config, splits)
-        data = {s: runner.eval_arrays(config, splits, s) for s in ("train", "validation", "test")}
+        prepared = runner.preflight(config)  # the data and the model of the workdir's flags
+        splits, model = prepared.splits, prepared.model
+        runner.restore_for_eval(config, splits, model)
+        data = {s: eval_arrays(config, splits, s) for s in ("train", "validation", "test")}
         keras.utils.set_random_seed(config["seed"])
-        encoders = {"trained": model.encoder, "random_init": runner.build_encoder(config)}
+        encoders = {"trained": model.encoder, "random_init": build_encoder(config)}
         arrays = {f"y_{s}": y for s, (_, y) in data.items()}
         for name, encoder in encoders.items():
             for s, split in data.items():
@@ -83,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=runner_flags.resolve_flagfile_arguments(sys.argv))

@@ -1,27 +1,33 @@
 """report.json and report.md (with plots) from a work directory's pretrain.json and eval.json."""
-import json
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from keras_ncssl.files import read_json, write_json_atomic, write_text_atomic
 
-from keras_ncssl.checkpoint import write_json_atomic  # noqa: E402
+# report.json's per-run scalars that a study aggregates over seeds (claims.py): one name each.
+LINEAR_PROBE, FEW_LABEL, KNN = "linear_probe_top1", "few_label_top1_mean", "knn_top1"
+FINAL_PROJECTION_STD, FINAL_EFFECTIVE_RANK = "final_projection_std", "final_effective_rank"
+TRAIN_SECONDS = "train_seconds"
+ACCURACIES = (LINEAR_PROBE, FEW_LABEL, KNN)
+BASELINES = ("random_init", "raw_pixels")  # the keys of report.json's "baselines" (eval.json's)
 
 
-def _fmt(value, spec):
-    """`value` formatted with `spec`, or "n/a" when the run did not record it."""
-    return "n/a" if value is None else format(float(value), spec)
+def format_value(value, spec, missing="n/a"):
+    """``value`` formatted with ``spec`` (e.g. ".4f"), or ``missing`` when it was not recorded."""
+    return missing if value is None else format(float(value), spec)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _load(workdir, name):
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)
+    return read_json(os.path.join(workdir, name), None)
 
 
 def _series(history, key):
@@ -29,6 +35,7 @@ def _series(history, key):
 
 
 def plot_training(history, path):
+    plt = _pyplot()
     keys = [k for k in ("loss", "projection_std", "knn_top1", "effective_rank") if _series(history, k)[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -42,6 +49,7 @@ def plot_training(history, path):
 
 def plot_spectrum(spectrum, path):
     """[DP] Fig. 2: log eig(F), eig(W_p) and the alignment cos(u_j, W_p u_j) over training."""
+    plt = _pyplot()
     panels = [("spectrum_F", "log10 eig(F)"), ("spectrum_Wp", "eig(W_p)"), ("alignment", "cos(u_j, W_p u_j)")]
     panels = [(k, t) for k, t in panels if any(k in r for r in spectrum)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
@@ -78,17 +86,17 @@ def write(config):
     workdir = config["workdir"]
     pretrain = _load(workdir, "pretrain.json") or {}
     evaluation = _load(workdir, "eval.json") or {}
-    flags = (_load(workdir, "flags.json") or {}).get("all", config)
+    flags = (_load(workdir, "flags.json") or {}).get("all") or dict(config)
     trained = evaluation.get("trained", {})
     history = pretrain.get("history", [])
     spectrum = pretrain.get("spectrum", [])
     report = {
-        "linear_probe_top1": trained.get("linear_probe_top1"),
-        "knn_top1": trained.get("knn_top1"),
-        "few_label_top1_mean": trained.get("few_label_top1_mean"),
+        LINEAR_PROBE: trained.get(LINEAR_PROBE),
+        KNN: trained.get(KNN),
+        FEW_LABEL: trained.get(FEW_LABEL),
         "few_label_top1_std": trained.get("few_label_top1_std"),
         "few_label_n_per_class": trained.get("few_label_n_per_class"),
-        "baselines": {k: evaluation.get(k) for k in ("random_init", "raw_pixels") if k in evaluation},
+        "baselines": {k: evaluation.get(k) for k in BASELINES if k in evaluation},
         "gain_over_random_init": (
             {"linear_probe": trained["linear_probe_top1"] - evaluation["random_init"]["linear_probe_top1"],
              "few_label": (trained["few_label_top1_mean"] or 0) - (evaluation["random_init"]["few_label_top1_mean"] or 0),
@@ -96,13 +104,13 @@ def write(config):
             if trained and "random_init" in evaluation else None),
         "protocol": evaluation.get("protocol"),
         "epochs": pretrain.get("epochs"),
-        "train_seconds": pretrain.get("train_seconds"),
+        TRAIN_SECONDS: pretrain.get("train_seconds"),
         "images_per_sec": pretrain.get("images_per_sec"),
         "knn_monitor_at_init": pretrain.get("knn_top1_at_init"),
         "runtime": pretrain.get("runtime"),
         "encoder_step": evaluation.get("encoder_step"),
-        "final_projection_std": history[-1].get("projection_std") if history else None,
-        "final_effective_rank": spectrum[-1].get("effective_rank") if spectrum else None,
+        FINAL_PROJECTION_STD: history[-1].get("projection_std") if history else None,
+        FINAL_EFFECTIVE_RANK: spectrum[-1].get("effective_rank") if spectrum else None,
         "history": history,
         "trained": trained,
         "flags": flags,
@@ -144,12 +152,10 @@ def write(config):
         plot_spectrum(spectrum, os.path.join(plots, "spectrum.png"))
         lines += ["## Predictor and representation spectrum ([DP] Fig. 2)", "",
                   "![spectrum and eigen-alignment](plots/spectrum.png)", "",
-                  f"Final effective rank of F: {_fmt(report.get('final_effective_rank'), '.2f')}; "
-                  f"mean alignment cos(u_j, W_p u_j): {_fmt(spectrum[-1].get('alignment_mean'), '.4f')}.",
+                  f"Final effective rank of F: {format_value(report.get(FINAL_EFFECTIVE_RANK), '.2f')}; "
+                  f"mean alignment cos(u_j, W_p u_j): {format_value(spectrum[-1].get('alignment_mean'), '.4f')}.",
                   ""]
     lines += ["## Flags", "", "```", *(f"--{k}={v}" for k, v in sorted(flags.items())), "```", ""]
     path = os.path.join(workdir, "report.md")
-    with open(path + ".tmp", "w") as handle:
-        handle.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "\n".join(lines))
     return path

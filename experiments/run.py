@@ -12,15 +12,17 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))
-sys.path.insert(0, _HERE)
-
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-import runner_flags  # noqa: E402,F401  (defines every flag)
+try:
+    import runner_flags  # noqa: E402  (defines every flag; experiments/ is this script's directory)
+except ModuleNotFoundError as missing:  # the library is installed by `make setup` (pip install -e .)
+    if (missing.name or "").split(".")[0] != "keras_ncssl":
+        raise
+    sys.exit("run.py: error: cannot import keras_ncssl: run with the project's environment (make setup, then "
+             ".venv/bin/python experiments/run.py ...), or pip install -e . in yours.")
 
 flags.adopt_module_key_flags(runner_flags)  # --help lists the runner's flags
 FLAGS = flags.FLAGS

@@ -13,6 +13,7 @@ import os
 from absl import flags
 
 from keras_ncssl.augment import config as augment_config  # option parsing only: no TensorFlow
+from run_config import RunConfig
 
 TRAINING = []  # names of flags that define the pretraining run
 # Training flags a resumed run may change (--allow_changes): they enter no saved state. The
@@ -179,7 +180,9 @@ def _check_ranges(config):
 
 
 def resolved(values):
-    """A plain dict of every flag of this module, validated; raises ConfigError naming the fix."""
+    """The RunConfig of the flags ``values``: every check on the values alone, then the typed,
+    grouped configuration; raises ConfigError naming the flag and the fix. The one place a run's
+    configuration is built (run.py, the sweep, the benchmarks, the tests)."""
     config = {name: values[name].value for name in NAMES}
     rho = str(config["rho"]).lower()
     if rho == "none":
@@ -216,7 +219,7 @@ def resolved(values):
     if unknown:
         raise ConfigError(f"--allow_changes={','.join(config['allow_changes'])}: {', '.join(unknown)} cannot change "
                           f"on resume (allowed: {', '.join(RESUMABLE)}); start a new --workdir instead.")
-    return config
+    return RunConfig(config)
 
 
 def _parse_threads(value):
@@ -299,3 +302,13 @@ def default(name):
 def training_subset(config):
     """The flags that define the pretraining run (compared against an existing workdir)."""
     return {name: config[name] for name in TRAINING}
+
+
+def training_differences(saved_training, training):
+    """{flag: (workdir's value, this run's value)} of every training flag that differs.
+
+    ``saved_training``: a workdir's flags.json "training"; a flag added after the workdir was
+    made is taken at its default there. One comparison for run.py's workdir check and the sweep's.
+    """
+    saved = {name: saved_training.get(name, default(name)) for name in training}
+    return {name: (saved[name], value) for name, value in training.items() if saved[name] != value}

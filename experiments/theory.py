@@ -14,14 +14,9 @@ Writes to DIR:
     theory.md                  the numbers behind each figure
 """
 import os
-import sys
 import time
 
 _START = time.perf_counter()  # the summary reports wall time including imports
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Importing keras_ncssl.theory runs the package __init__, which loads TensorFlow; keep it quiet.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import matplotlib  # noqa: E402
 
@@ -31,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from keras_ncssl import theory  # noqa: E402
+from keras_ncssl import theory  # noqa: E402  (numpy only: TensorFlow is not loaded)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the figures and theory.md.")

@@ -25,7 +25,7 @@ check_versions()  # first: an unsupported TensorFlow/Keras fails here, with the 
 __version__ = "0.1.0"
 
 SUBMODULES = ("augment", "callbacks", "checkpoint", "data", "diagnostics", "distribute", "encoders",
-              "evaluation", "export", "heads", "losses", "models", "normalization", "numerics",
+              "evaluation", "export", "files", "heads", "losses", "models", "normalization", "numerics",
               "optimizers", "predictors", "runtime", "schedules", "theory")
 # Public name -> the submodule that defines it.
 _NAMES = {"BYOL": "models", "SimSiam": "models", "DirectPredictor": "predictors",

@@ -1,4 +1,5 @@
-"""Keras callbacks that watch the predictor and the representation during training."""
+"""Keras callbacks that watch training: the predictor and the representation (SpectrumMonitor),
+and the stop on consecutive non-finite steps that every BYOL/SimSiam fit adds (StopOnNonFinite)."""
 import warnings
 
 import keras
@@ -24,15 +25,16 @@ class SpectrumMonitor(keras.callbacks.Callback):
     Scalars go into ``logs`` (``effective_rank``, ``alignment_mean``, ``commutator_norm``) so
     History, CSV and TensorBoard see them; the full per-epoch arrays stay in ``self.records``
     for the report. It warns when ``projection_std`` falls below ``collapse_std`` (the loss
-    keeps falling as a model collapses, PITFALLS.md) and when the predictor skipped updates
-    because of non-finite statistics.
+    keeps falling as a model collapses, PITFALLS.md; default
+    ``diagnostics.collapse_threshold(d)`` = 0.1/sqrt(d) of the model's projection dimension d)
+    and when the predictor skipped updates because of non-finite statistics.
     """
 
-    def __init__(self, probe_images=None, every_n_epochs=1, collapse_std=0.01):
+    def __init__(self, probe_images=None, every_n_epochs=1, collapse_std=None):
         super().__init__()
         self.probe_images = probe_images
         self.every_n_epochs = int(every_n_epochs)
-        self.collapse_std = float(collapse_std)
+        self.collapse_std = None if collapse_std is None else float(collapse_std)
         self.records = []
         self._skipped = 0
 
@@ -74,11 +76,50 @@ class SpectrumMonitor(keras.callbacks.Callback):
                 if key in record:
                     logs[key] = record[key]
         std = logs.get("projection_std")
-        if std is not None and float(std) < self.collapse_std:
-            warnings.warn(f"epoch {epoch + 1}: projection_std {float(std):.4g} < {self.collapse_std}: "
+        threshold = self.collapse_std
+        if threshold is None:
+            threshold = diagnostics.collapse_threshold(self.model.projector.output_shape[-1])
+        if std is not None and float(std) < threshold:
+            warnings.warn(f"epoch {epoch + 1}: projection_std {float(std):.4g} < {threshold:.4g}: "
                           "the representation is collapsing.", RuntimeWarning, stacklevel=2)
         skipped = getattr(self.model.predictor, "num_skipped", None)
         if skipped is not None and int(skipped.numpy()) > self._skipped:
             warnings.warn(f"epoch {epoch + 1}: the predictor skipped {int(skipped.numpy()) - self._skipped} "
                           "update(s) with non-finite statistics.", RuntimeWarning, stacklevel=2)
             self._skipped = int(skipped.numpy())
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training diverged: too many consecutive steps had a non-finite loss or gradients."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `NonFiniteTrainingError` once ``max_consecutive_nonfinite`` steps in a row were
+    skipped; warns at the epoch's end about steps that were skipped and then recovered."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = int(limit)
+        self.epoch, self.batch, self.reported = 0, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        if self.reported is None:
+            self.reported = int(self.model.nonfinite_steps.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch = batch
+        run = int(self.model.consecutive_nonfinite_steps.numpy())
+        if self.limit and run >= self.limit:
+            raise NonFiniteTrainingError(
+                f"training diverged: {run} consecutive steps had a non-finite loss or gradients (epoch "
+                f"{self.epoch + 1}, batch {batch + 1} of the epoch, optimizer step "
+                f"{int(self.model.optimizer.iterations.numpy())}); every skipped step left the weights "
+                "unchanged. Lower the learning rate, or check the inputs for NaN/Inf.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        total = int(self.model.nonfinite_steps.numpy())
+        if total > self.reported:
+            warnings.warn(f"epoch {epoch + 1}: {total - self.reported} training step(s) had a non-finite loss "
+                          "or gradients and were skipped (see nonfinite_steps).", RuntimeWarning, stacklevel=2)
+            self.reported = total

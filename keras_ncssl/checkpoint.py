@@ -15,36 +15,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 
 import tensorflow as tf
 
-
-def write_json_atomic(path, payload):
-    """Write JSON to ``path`` via a temporary file and an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        # mkstemp makes the file 0600; give it the usual umask's mode, as TensorFlow's
-        # checkpoints get, so that other workers and users of a shared workdir can read it.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, default=float)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from keras_ncssl.files import write_json_atomic  # noqa: F401  (also this module's public name)
 
 
 class CheckpointRestoreError(RuntimeError):

@@ -26,6 +26,7 @@ __all__ = [
     "symmetric_skew_norms",
     "balancing_residual",
     "effective_rank",
+    "collapse_threshold",
 ]
 
 
@@ -238,3 +239,18 @@ def effective_rank(F):
     entropy = -np.sum(q * logs, axis=-1)
     rank = np.where(total[..., 0] > 0, np.exp(entropy), 0.0)
     return float(rank) if rank.ndim == 0 else rank
+
+
+def collapse_threshold(projection_dim):
+    r"""The projection std below which a representation counts as collapsed: :math:`0.1/\sqrt{d}`.
+
+    ``projection_std`` (`keras_ncssl.losses.projection_std`) of l2-normalised d-dimensional
+    projections is about :math:`1/\sqrt{d}` when they spread over the sphere and 0 when they
+    collapse to a point ([SimSiam] Chen & He, CVPR 2021, Fig. 2); a tenth of the healthy value
+    separates the two with a wide margin. One threshold for the training monitor
+    (`keras_ncssl.callbacks.SpectrumMonitor`) and the studies' collapse claims.
+    """
+    d = int(projection_dim)
+    if d < 1:
+        raise ValueError(f"projection_dim={projection_dim!r}: must be an integer >= 1.")
+    return 0.1 / float(np.sqrt(d))

@@ -6,10 +6,11 @@ Per-sample losses take predictions p and targets z of shape (batch, dim) and ret
 float32" rule of PITFALLS.md.
 """
 import keras
+import tensorflow as tf
 from keras import ops
 
 __all__ = ["LOSSES", "DIRECTION_WEIGHTS", "l2_normalize", "normalized_mse", "negative_cosine",
-           "symmetric_loss"]
+           "symmetric_loss", "projection_std"]
 
 # torch.nn.functional.normalize's default: x / max(||x||, eps).
 DEFAULT_EPSILON = 1e-12
@@ -90,3 +91,20 @@ def symmetric_loss(kind, p1, p2, z1, z2, epsilon=DEFAULT_EPSILON, local_predicti
     for q in local_predictions:
         total = total + ops.mean(fn(q, z1, epsilon)) + ops.mean(fn(q, z2, epsilon))
     return weight * total * (2.0 / (2.0 + 2.0 * len(local_predictions)))
+
+
+def projection_std(z):
+    """Mean over dimensions of the per-dimension std of l2-normalised projections.
+
+    ~1/sqrt(d) for healthy, spread-out projections; 0 for a collapsed (constant) output
+    ([BYOL]/[SimSiam]'s collapse monitor).
+    """
+    z = l2_normalize(z)
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
+    # Several replicas: the std over the global batch from all-reduced moments, so that the
+    # monitor does not depend on how the batch is split (equal per-replica batches).
+    moments = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                 [tf.reduce_mean(z, axis=0), tf.reduce_mean(tf.square(z), axis=0)])
+    return tf.reduce_mean(tf.sqrt(tf.maximum(moments[1] - tf.square(moments[0]), 0.0)))

@@ -34,13 +34,13 @@ Target BatchNorm policy (``target_batchnorm``):
 - ``"ema"``: the target runs in inference mode and *every* weight, moving mean/variance
   included, is averaged: Keras' "average all weights" policy.
 """
-import warnings
-
 import keras
 import tensorflow as tf
 
 from keras_ncssl import losses as losses_lib
+from keras_ncssl.losses import projection_std  # noqa: F401  (also this module's name)
 from keras_ncssl._compat import require_private_method
+from keras_ncssl.callbacks import NonFiniteTrainingError, StopOnNonFinite  # noqa: F401  (models.NonFiniteTrainingError)
 from keras_ncssl.distribute import check_fit_length, step_logs
 from keras_ncssl.numerics import all_finite_across_replicas, graph_warning
 from keras_ncssl.predictors.layer import DirectPredictor
@@ -53,64 +53,11 @@ TARGET_BATCHNORM = ("batch_stats", "ema")
 require_private_method(keras.Model, "_maybe_symbolic_build", ("iterator", "data_batch"))
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Training diverged: too many consecutive steps had a non-finite loss or gradients."""
-
-
-class _StopOnNonFinite(keras.callbacks.Callback):
-    """Raises `NonFiniteTrainingError` once ``max_consecutive_nonfinite`` steps in a row were
-    skipped; warns at the epoch's end about steps that were skipped and then recovered."""
-
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = int(limit)
-        self.epoch, self.batch, self.reported = 0, 0, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        if self.reported is None:
-            self.reported = int(self.model.nonfinite_steps.numpy())
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batch = batch
-        run = int(self.model.consecutive_nonfinite_steps.numpy())
-        if self.limit and run >= self.limit:
-            raise NonFiniteTrainingError(
-                f"training diverged: {run} consecutive steps had a non-finite loss or gradients (epoch "
-                f"{self.epoch + 1}, batch {batch + 1} of the epoch, optimizer step "
-                f"{int(self.model.optimizer.iterations.numpy())}); every skipped step left the weights "
-                "unchanged. Lower the learning rate, or check the inputs for NaN/Inf.")
-
-    def on_epoch_end(self, epoch, logs=None):
-        total = int(self.model.nonfinite_steps.numpy())
-        if total > self.reported:
-            warnings.warn(f"epoch {epoch + 1}: {total - self.reported} training step(s) had a non-finite loss "
-                          "or gradients and were skipped (see nonfinite_steps).", RuntimeWarning, stacklevel=2)
-            self.reported = total
-
-
 def _feature_dim(model, what):
     shape = model.output_shape if hasattr(model, "output_shape") else None
     if not shape or shape[-1] is None:
         raise ValueError(f"{what} must have a known output dimension; got output shape {shape}.")
     return int(shape[-1])
-
-
-def projection_std(z):
-    """Mean over dimensions of the per-dimension std of l2-normalised projections.
-
-    ~1/sqrt(d) for healthy, spread-out projections; 0 for a collapsed (constant) output
-    ([BYOL]/[SimSiam]'s collapse monitor).
-    """
-    z = losses_lib.l2_normalize(z)
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
-    # Several replicas: the std over the global batch from all-reduced moments, so that the
-    # monitor does not depend on how the batch is split (equal per-replica batches).
-    moments = context.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                 [tf.reduce_mean(z, axis=0), tf.reduce_mean(tf.square(z), axis=0)])
-    return tf.reduce_mean(tf.sqrt(tf.maximum(moments[1] - tf.square(moments[0]), 0.0)))
 
 
 class _NonContrastive(keras.Model):
@@ -369,7 +316,7 @@ class _NonContrastive(keras.Model):
     def fit(self, x=None, y=None, epochs=1, steps_per_epoch=None, **kwargs):
         """``keras.Model.fit``; also sets ``total_steps`` for the cosine EMA schedule if unset,
         and stops with `NonFiniteTrainingError` after ``max_consecutive_nonfinite`` skipped steps."""
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_StopOnNonFinite(self.max_consecutive_nonfinite)]
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [StopOnNonFinite(self.max_consecutive_nonfinite)]
         if isinstance(x, tf.data.Dataset):  # Keras ignores shuffle for datasets, with a warning each fit
             kwargs.setdefault("shuffle", False)
         check_fit_length(x, steps_per_epoch, self.distribute_strategy)  # see distribute.py

@@ -58,12 +58,9 @@ def keep_only_checkpoint(workdir, number):
 
 
 def parse(*argv):
-    """The runner's flags parsed in-process, as run.py parses them (no TensorFlow start-up);
-    experiments/ is then importable (``import runner``)."""
-    if os.path.join(ROOT, "experiments") not in sys.path:
-        sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    """The runner's flags parsed in-process, as run.py parses them (no TensorFlow start-up)."""
     from absl import flags
-    import runner_flags
+    import runner_flags  # experiments/ is on sys.path in the tests (setup.cfg: pythonpath)
     values = flags.FlagValues()
     for name in runner_flags.NAMES:
         values[name] = copy.deepcopy(flags.FLAGS[name])  # the same definitions, fresh values

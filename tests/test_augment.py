@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ncssl import augment as A, distribute
-from keras_ncssl.augment.views import _shift_hue
+from keras_ncssl.augment.views import shift_hue
 
 
 def _np_images(rng, n=8, size=16, channels=3):
@@ -142,7 +142,7 @@ def test_hue_shift_matches_tf_adjust_hue(rng):
     x = rng.uniform(size=(4, 6, 7, 3)).astype(np.float32)
     x[0, 0, 0] = [0.5, 0.5, 0.5]  # gray pixel: hue undefined, must stay put
     deltas = np.array([0.1, -0.3, 0.45, 0.0], np.float32)
-    got = _planar(_shift_hue(_planar(x), tf.reshape(deltas, [-1, 1, 1, 1]))).numpy()
+    got = _planar(shift_hue(_planar(x), tf.reshape(deltas, [-1, 1, 1, 1]))).numpy()
     ref = np.stack([tf.image.adjust_hue(x[i], deltas[i]).numpy() for i in range(4)])
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
@@ -297,6 +297,7 @@ def test_pipeline_pairs_views_of_the_same_element():
     assert seen != sorted(seen)
 
 
+@pytest.mark.slow
 def test_views_differ_and_seeding_is_reproducible(rng):
     images = _np_images(rng, n=32, size=16)
 
@@ -349,6 +350,7 @@ def test_local_views_leave_the_global_views_unchanged(rng):
     assert default == dataclasses.replace(A.PRESETS["grayscale"][0], crop_scale=A.LOCAL_CROP_SCALE)
 
 
+@pytest.mark.slow
 def test_pretrain_dataset_with_local_views_yields_dicts():
     x = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16, 1)).astype(np.uint8)
     ds = A.pretrain_dataset(_image_ds(x), "grayscale", batch_size=4, image_size=16, channels=3,

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ncssl import data
-from keras_ncssl.data.splits import _validation_indices
+from keras_ncssl.data.splits import validation_indices
 
 
 def _fingerprints(images):
@@ -93,10 +93,10 @@ def test_fashion_mnist_validation_is_a_disjoint_part_of_train(fashion):
         assert _fingerprints(np.concatenate([x_tr, x_va])) == _fingerprints(original[..., None])
     # index level: the split is a partition, fixed by the seed, and moves with it
     labels = np.repeat(np.arange(10), 6000)
-    val = _validation_indices(labels, len(labels), 0.1, seed=0)
+    val = validation_indices(labels, len(labels), 0.1, seed=0)
     assert len(np.unique(val)) == 6000
-    np.testing.assert_array_equal(val, _validation_indices(labels, len(labels), 0.1, 0))
-    assert len(np.intersect1d(val, _validation_indices(labels, len(labels), 0.1, 1))) < 1000
+    np.testing.assert_array_equal(val, validation_indices(labels, len(labels), 0.1, 0))
+    assert len(np.intersect1d(val, validation_indices(labels, len(labels), 0.1, 1))) < 1000
 
 
 def _write_idx(path, array):

@@ -187,3 +187,14 @@ def test_accepts_tf_tensors_and_keras_variables(rng):
 def test_invalid_input_raises_value_error_naming_it(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_collapse_threshold_is_a_tenth_of_the_healthy_projection_std(rng):
+    d = 64
+    healthy = rng.normal(size=(4096, d))
+    healthy /= np.linalg.norm(healthy, axis=1, keepdims=True)
+    std = healthy.std(axis=0).mean()  # models.projection_std of spread-out unit vectors: ~1/sqrt(d)
+    assert np.isclose(std, 1 / np.sqrt(d), rtol=0.02)
+    assert np.isclose(diagnostics.collapse_threshold(d), 0.1 * std, rtol=0.02)
+    with pytest.raises(ValueError, match="projection_dim=0"):
+        diagnostics.collapse_threshold(0)

@@ -210,6 +210,7 @@ SAVE_AND_RELOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule_device", ["auto", "cpu"])
 def test_saves_and_reloads_with_state_in_a_fresh_process(rng, tmp_path, rule_device):
     layer = DirectPredictor(rule="directpred", rho=0.5, eps=0.05, freq=2, rule_device=rule_device,

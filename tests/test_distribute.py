@@ -262,6 +262,7 @@ def test_every_replica_holds_the_same_predictor_and_target(pair):
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=target.path)
 
 
+@pytest.mark.slow
 @needs_two_cpus
 def test_multi_crop_on_two_replicas_matches_one_replica(pair):
     """Local views (one encoder pass over all of them, synchronised BN, their rows in F) give

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import builders
+import evaluation_stage
+import export_stage
 from export_helpers import randomize_batchnorm, relative_error
 from run_tiny import ROOT, parse
 from keras_ncssl import data, export
@@ -28,18 +31,16 @@ def _splits(rng, shape, mean=None, std=None, n=24):
 def trained(tmp_path, rng):
     """(config, model) as the runner builds them, with non-trivial BN state and step 7."""
     config = parse(*FLAGS, f"--workdir={tmp_path}")
-    import runner  # experiments/ is on sys.path after parse()
-    model = runner.build_model(config, 10, 10, tf.distribute.get_strategy())
+    model = builders.build_model(config, 10, 10, tf.distribute.get_strategy())
     randomize_batchnorm(model.encoder, rng)
     model.optimizer.iterations.assign(7)
     return config, model
 
 
 def test_serve_gives_the_runners_evaluation_features(trained, rng):
-    import runner
     config, model = trained
     train = _splits(rng, (20, 20, 1))  # grey training data of another size than the encoder's
-    path = runner.export_stage(config, model, train,
+    path = export_stage.export_stage(config, model, train,
                                {"step": 7, "total_steps": 10, "complete": False})
     loaded = export.load_encoder(path)
     worst = 0.0
@@ -47,7 +48,7 @@ def test_serve_gives_the_runners_evaluation_features(trained, rng):
     # evaluated by the runner with the run's statistics.
     for shape in ((20, 20, 1), (9, 13, 1), (16, 16, 3), (40, 24, 3), (3, 2, 1)):
         splits = train if shape == (20, 20, 1) else _splits(rng, shape, train.mean, train.std)
-        x, _ = runner.eval_arrays(config, splits, "test")
+        x, _ = evaluation_stage.eval_arrays(config, splits, "test")
         expected = model.encoder(x, training=False).numpy()
         raw = splits.numpy("test")[0]
         for images in (raw, raw.astype(np.float32)):  # serve (uint8) and serve_float (0..255)
@@ -77,10 +78,9 @@ def _write_eval(config, **extra):
 
 
 def test_metadata_carries_the_accuracy_table_of_this_encoder_only(trained):
-    import runner
     config, model = trained
     _write_eval(config, encoder_step={"step": 7, "total_steps": 10, "complete": False})
-    meta = runner.export_metadata(config, model)  # the step from optimizer.iterations: 7
+    meta = export_stage.export_metadata(config, model)  # the step from optimizer.iterations: 7
     assert meta["accuracy"] == {"protocol": "p",
                                 "trained": {"linear_probe_top1": 0.8, "knn_top1": 0.7},
                                 "random_init": {"linear_probe_top1": 0.3}}
@@ -89,11 +89,11 @@ def test_metadata_carries_the_accuracy_table_of_this_encoder_only(trained):
     assert meta["training_step"] == 7 and meta["training_complete"] is None
     # The runner's step of the restored checkpoint wins over the optimizer's count.
     trained_step = {"step": 5, "total_steps": 10, "complete": False}
-    assert runner.export_metadata(config, model, trained_step)["accuracy"] is None
+    assert export_stage.export_metadata(config, model, trained_step)["accuracy"] is None
     _write_eval(config, encoder_step=trained_step)  # evaluated an earlier checkpoint
-    meta = runner.export_metadata(config, model)
+    meta = export_stage.export_metadata(config, model)
     assert meta["accuracy"] is None and "(step 5)" in meta["accuracy_missing_because"]
-    assert runner.export_metadata(config, model, trained_step)["accuracy"]["trained"]
+    assert export_stage.export_metadata(config, model, trained_step)["accuracy"]["trained"]
     # No step in eval.json: a checkpoint newer than it means another encoder.
     _write_eval(config)
     os.makedirs(os.path.join(config["workdir"], "checkpoints"))
@@ -102,6 +102,6 @@ def test_metadata_carries_the_accuracy_table_of_this_encoder_only(trained):
         f.write("ckpt")
     later = time.time() + 10
     os.utime(state, (later, later))
-    assert runner.export_metadata(config, model)["accuracy"] is None
+    assert export_stage.export_metadata(config, model)["accuracy"] is None
     os.utime(state, (later - 100, later - 100))
-    assert runner.export_metadata(config, model)["accuracy"]["trained"]["knn_top1"] == 0.7
+    assert export_stage.export_metadata(config, model)["accuracy"]["trained"]["knn_top1"] == 0.7

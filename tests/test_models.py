@@ -185,6 +185,7 @@ def test_metrics_and_test_step_do_not_update(rng):
         np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.slow
 def test_cosine_tau_needs_the_run_length(rng):
     model = build()
     ds = tf.data.Dataset.from_tensor_slices(views(rng, 32)).batch(8)
@@ -237,13 +238,25 @@ def test_freq5_trains_the_kernel_between_refreshes(rng):
     assert not np.allclose(model.predictor.kernel.numpy(), refreshed)
 
 
-def test_forward_views_together_gives_the_same_loss_without_batchnorm(rng):
-    a = build(forward_views_together=True)
-    b = build(forward_views_together=False)
+def test_forward_views_together_pools_batchnorm_statistics_over_both_views(rng):
+    """In training mode the joint pass normalises with the statistics of both views, the
+    per-view passes (the reference code's) with each view's own: checked against the encoder and
+    projector called directly, and the two must differ (the heads have BatchNorm)."""
+    joint = build(forward_views_together=True)
+    per_view = build(forward_views_together=False)  # same seed: the same weights
     x1, x2 = views(rng)
-    la, _ = a.compute_symmetric_loss(x1, x2, training=False)
-    lb, _ = b.compute_symmetric_loss(x1, x2, training=False)
-    np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+    _, (z1, z2, *_) = joint.compute_symmetric_loss(x1, x2, training=True)
+    _, (y1, y2, *_) = per_view.compute_symmetric_loss(x1, x2, training=True)
+
+    def forward(model, x):
+        return model.projector(model.encoder(x, training=True), training=True).numpy()
+
+    pooled = forward(joint, np.concatenate([x1, x2]))
+    np.testing.assert_allclose(z1.numpy(), pooled[:len(x1)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(z2.numpy(), pooled[len(x1):], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y1.numpy(), forward(per_view, x1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y2.numpy(), forward(per_view, x2), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(z1.numpy(), y1.numpy(), atol=1e-3)
 
 
 def test_mixed_precision_step(rng):
@@ -262,6 +275,7 @@ def test_mixed_precision_step(rng):
         keras.config.set_dtype_policy(previous)
 
 
+@pytest.mark.slow
 def test_xla_compiled_fit_matches_the_plain_fit_and_still_skips_non_finite_batches(rng):
     """jit_compile=True compiles the whole step (eigh included; the skip warning has no XLA
     kernel, so under XLA a skipped update is only counted) and computes the same thing."""
@@ -307,6 +321,7 @@ RELOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_save_and_reload_in_a_fresh_process(rng, tmp_path):
     model = build(tau_schedule="constant")
     for _ in range(2):
@@ -331,3 +346,19 @@ def test_symmetric_linear_predictor_via_model(rng):
     model.train_step(views(rng))
     k = model.predictor.kernel.numpy()
     np.testing.assert_allclose(k, k.T, atol=1e-6)
+
+
+def test_spectrum_monitor_warns_below_the_collapse_threshold_of_the_projection_dim():
+    import warnings
+
+    from keras_ncssl.callbacks import SpectrumMonitor
+    from keras_ncssl.diagnostics import collapse_threshold
+    monitor = SpectrumMonitor(every_n_epochs=100)  # default threshold: 0.1/sqrt(PROJ) = 0.025
+    monitor.set_model(build())
+    threshold = collapse_threshold(PROJ)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.on_epoch_end(0, {"projection_std": 1.01 * threshold})
+        assert not [w for w in caught if "collapsing" in str(w.message)]
+        monitor.on_epoch_end(1, {"projection_std": 0.99 * threshold})
+    assert [w for w in caught if "collapsing" in str(w.message) and "0.025" in str(w.message)]

@@ -38,6 +38,7 @@ def assert_same_state(a, b, atol=0.0):
             np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=group)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_a_nan_pixel_skips_exactly_that_step_on_one_replica(value, capfd):
     x1, x2 = poisoned(value)
@@ -59,6 +60,7 @@ def test_a_nan_pixel_skips_exactly_that_step_on_one_replica(value, capfd):
     assert np.all(np.isfinite(model.encoder(clean, training=False).numpy()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(tf.config.list_logical_devices("CPU")) < 2, reason="needs two logical CPUs")
 def test_a_nan_pixel_on_one_replica_skips_the_step_on_both():
     x1, x2 = poisoned()  # the NaN lands in the first replica's half of the global batch

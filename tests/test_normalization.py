@@ -75,6 +75,7 @@ def test_bfloat16_activations_keep_float32_statistics(rng):
     np.testing.assert_allclose(layer.moving_mean.numpy(), expected, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_config_round_trip_and_reload_in_a_fresh_process(tmp_path, rng):
     inputs = keras.Input((5, 6, 3))
     outputs = FusedBatchNormalization(momentum=0.8, epsilon=1e-5, name="bn")(inputs)

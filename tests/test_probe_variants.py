@@ -1,12 +1,9 @@
 """experiments/probe_variants.py: the feature preprocessings against a float64 numpy reference."""
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import probe_variants  # noqa: E402
+import probe_variants
 
 
 @pytest.fixture

@@ -76,10 +76,11 @@ def test_the_runner_skips_a_batch_with_a_nan_pixel_and_trains_on(tmp_path, monke
 
     config = parse(*TINY, f"--workdir={tmp_path / 'run'}", "--mode=pretrain", "--epochs=2", "--steps_per_epoch=6",
                    "--knn_monitor_every=0", f"--strategy={strategy}")
-    import runner  # importable after parse()
+    import pretraining
+    import runner
     if strategy != "default" and len(tf.config.list_logical_devices("CPU")) < 2:
         pytest.skip("needs two logical CPUs")
-    original = runner.pretrain_input
+    original = pretraining.pretrain_input
 
     def poisoned(config, splits, epoch):
         def inject(index, views):
@@ -89,7 +90,7 @@ def test_the_runner_skips_a_batch_with_a_nan_pixel_and_trains_on(tmp_path, monke
             return tf.where(tf.logical_and(bad, mask > 0), tf.constant(np.nan, view1.dtype), view1), view2
         return original(config, splits, epoch).enumerate().map(inject)
 
-    monkeypatch.setattr(runner, "pretrain_input", poisoned)
+    monkeypatch.setattr(pretraining, "pretrain_input", poisoned)
     with pytest.warns(RuntimeWarning, match="1 training step"):
         runner.run(config)
     history = json.loads((tmp_path / "run" / "pretrain.json").read_text())["history"]
@@ -100,7 +101,7 @@ def test_the_runner_skips_a_batch_with_a_nan_pixel_and_trains_on(tmp_path, monke
 
 def runner_model(runner, config):
     """The trained model restored from the workdir's newest checkpoint."""
-    config = dict(config, mode="eval")
+    config = config.replace(mode="eval")
     prepared = runner.preflight(config)
     runner.restore_for_eval(config, prepared.splits, prepared.model)
     return prepared.model

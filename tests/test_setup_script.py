@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "setup_env.sh")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs a system python3")
 def test_without_ensurepip_and_apt_it_prints_the_one_command_and_makes_nothing(tmp_path):
     fake = tmp_path / "python3"  # Debian's python3 without the python3-venv package
@@ -23,6 +24,7 @@ def test_without_ensurepip_and_apt_it_prints_the_one_command_and_makes_nothing(t
     assert not venv.exists()
 
 
+@pytest.mark.slow
 def test_a_too_old_or_missing_interpreter_is_named(tmp_path):
     result = subprocess.run(["sh", SCRIPT], env=dict(os.environ, PYTHON="no-such-python3", VENV=str(tmp_path / "v"),
                                                      APT_GET=""), capture_output=True, text=True, timeout=60)

@@ -21,7 +21,6 @@ On a machine without a GPU the GPU parts are skipped, with the reason, and the C
 eigh still runs. Each part runs in its own process with a time limit, so one framework's GPU
 memory never starves the other's and a hung part cannot eat the budget.
 """
-import argparse
 import json
 import os
 import platform
@@ -30,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from absl import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -174,8 +175,10 @@ def child_multi_gpu(device_type):
     if device_type == "CPU":
         tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                                    [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import dist_worker as dw
+    import importlib.util  # the tests' two-replica model and data, loaded by path (no sys.path edit)
+    spec = importlib.util.spec_from_file_location("dist_worker", os.path.join(ROOT, "tests", "dist_worker.py"))
+    dw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dw)
     from keras_ncssl import distribute
 
     gpus = [d.name for d in tf.config.list_logical_devices(device_type)]
@@ -264,18 +267,31 @@ def train_step_runs(remaining, steps, env):
     return runs
 
 
+FLAGS = flags.FlagValues()  # its own: the check also runs as `bench.py device_check OUT_DIR`
+flags.DEFINE_float("budget_s", 480, "Total wall time (the check's goal: 8 minutes).", flag_values=FLAGS)
+flags.DEFINE_list("parts", list(PARTS), f"Parts to run, a subset of {','.join(PARTS)}.", flag_values=FLAGS)
+flags.DEFINE_list("cpu_dims", ["128", "512", "2048"], "eigh sizes on a machine without a GPU.", flag_values=FLAGS)
+flags.DEFINE_list("on_cpu", [], "Without a GPU, still run these parts on the CPU (stl10_run, multi_gpu over two "
+                  "logical CPUs): tests the check itself.", flag_values=FLAGS)
+flags.DEFINE_integer("stl10_steps", 10, "Training steps of the stl10_run part.", flag_values=FLAGS)
+flags.DEFINE_string("part", None, "Internal: run one part in this process.", flag_values=FLAGS)
+flags.DEFINE_multi_string("arg", [], "Internal: the part's arguments.", flag_values=FLAGS)
+
+
+def _fail(message):
+    sys.exit(f"device_check.py: error: {message}")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir", nargs="?")
-    p.add_argument("--budget_s", type=float, default=480, help="total wall time (the check's goal: 8 minutes)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--cpu_dims", default="128,512,2048", help="eigh sizes on a machine without a GPU")
-    p.add_argument("--on_cpu", default="", help="without a GPU, still run these parts on the CPU (stl10_run, "
-                   "multi_gpu over two logical CPUs): tests the check itself")
-    p.add_argument("--stl10_steps", type=int, default=10, help="training steps of the stl10_run part")
-    p.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
-    p.add_argument("--arg", action="append", default=[], help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"{__doc__}\nflags:\n{FLAGS.get_help()}")
+        return 0
+    try:
+        positional = FLAGS(["device_check.py", *argv])[1:]
+    except flags.Error as error:
+        _fail(error)
+    args = FLAGS
     if args.part:
         child = {"env": child_env, "eigh": lambda: child_eigh([int(d) for d in args.arg[0].split(",")],
                                                                int(args.arg[1])),
@@ -283,14 +299,15 @@ def main(argv=None):
                  "stl10_run": lambda: child_stl10_run(args.arg[0], int(args.arg[1]))}
         print(json.dumps(child[args.part]()), flush=True)
         return 0
-    if not args.out_dir:
-        p.error("OUT_DIR is required: python experiments/benchmarks/device_check.py OUT_DIR")
-    parts = [x for x in args.parts.split(",") if x]
+    if len(positional) != 1:
+        _fail(f"give one OUT_DIR (got {positional or 'none'}): python experiments/benchmarks/device_check.py OUT_DIR")
+    parts = list(args.parts)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        p.error(f"--parts={args.parts}: unknown {unknown}; choose from {list(PARTS)}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    out_path = os.path.join(args.out_dir, "device_check.json")
+        _fail(f"--parts={','.join(parts)}: unknown {unknown}; choose from {list(PARTS)}")
+    out_dir = positional[0]
+    os.makedirs(out_dir, exist_ok=True)
+    out_path = os.path.join(out_dir, "device_check.json")
     began = time.perf_counter()
 
     def remaining():
@@ -311,7 +328,7 @@ def main(argv=None):
     # Without TensorFlow (the lent GPU machines have only PyTorch) the torch halves still run.
     gpus = len(env.get("tf_gpus") or env.get("torch_gpus") or [])
     no_gpu = None if gpus else "no GPU visible to TensorFlow or PyTorch"
-    on_cpu = {x for x in args.on_cpu.split(",") if x}
+    on_cpu = set(args.on_cpu)
     for name in parts:
         if name == "env":
             continue
@@ -325,7 +342,7 @@ def main(argv=None):
         elif remaining() < 30:
             report["parts"][name] = {"skipped": "budget"}
         elif name == "eigh":
-            dims, repeats = ("128,512,2048", 5) if gpus else (args.cpu_dims, 1)
+            dims, repeats = ("128,512,2048", 5) if gpus else (",".join(args.cpu_dims), 1)
             report["parts"][name] = run_json(part_command("eigh", "--arg", dims, "--arg", str(repeats)),
                                              timeout=min(remaining(), 150))
         elif name == "train_step":

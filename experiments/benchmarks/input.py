@@ -10,41 +10,39 @@
 `view_images_per_sec` single views; `load_avg_1min` says how busy the machine was.
 The goal (issue 4) is >= 5x what the train step consumes in the same configuration.
 """
-import argparse
 import json
 import os
 import statistics
 import time
+
+from absl import flags
+
+from benchmarks import parse_flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SYNTHETIC = {"synthetic96": (96, 96, 3), "synthetic32": (32, 32, 3)}
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="bench.py input", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion_mnist",
-                   help="a keras_ncssl.data dataset name, or synthetic96 / synthetic32")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--preset", default=None,
-                   help="augmentation preset (default: grayscale for 1-channel data, stl10 for "
-                        "synthetic96, else byol)")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--image_size", type=int, default=None, help="default: 32, or 96 for "
-                   "synthetic96")
-    p.add_argument("--channels", type=int, default=None, help="default: native channels")
-    p.add_argument("--steps", type=int, default=50, help="timed batches")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs of --steps batches; the median is reported")
-    p.add_argument("--no_jit", action="store_true", help="augment without XLA")
-    p.add_argument("--num_examples", type=int, default=4096, help="synthetic set size")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("dataset", "fashion_mnist", "A keras_ncssl.data dataset name, or synthetic96 / synthetic32.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "Data directory of the dataset.", flag_values=FLAGS)
+flags.DEFINE_string("preset", None, "Augmentation preset (default: grayscale for 1-channel data, stl10 for "
+                    "synthetic96, else byol).", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 256, "Batch size.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", None, "Default: 32, or 96 for synthetic96.", flag_values=FLAGS)
+flags.DEFINE_integer("channels", None, "Default: native channels.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 50, "Timed batches.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 5, "Untimed batches first.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "Timed runs of --steps batches; the median is reported.", flag_values=FLAGS)
+flags.DEFINE_bool("no_jit", False, "Augment without XLA.", flag_values=FLAGS)
+flags.DEFINE_integer("num_examples", 4096, "Synthetic set size.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed.", flag_values=FLAGS)
 
 
 def main(argv):
-    args = _parse(argv)
+    args = parse_flags(FLAGS, "bench.py input", argv, __doc__)
     import tensorflow as tf
     from keras_ncssl import augment, data
 

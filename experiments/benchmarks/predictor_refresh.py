@@ -8,27 +8,31 @@ a d x d correlation in float32, compiled with tf.function (as in fit), timed aft
 Compare with `bench.py train_step` (ResNet-18, batch 128) for the ≤ 2 % (128-d) / ≤ 5 %
 (512-d) goal.
 """
-import argparse
 import json
 import os
 import statistics
 import time
 
+from absl import flags
+
+from benchmarks import parse_flags
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_integer("dim", [], "Dimension d (repeatable; default 128).", flag_values=FLAGS)
+flags.DEFINE_list("rules", [], "Rules to time (default: every registered rule).", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 20, "Timed refreshes per rule (the median is reported).", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Dtype of F.", flag_values=FLAGS)
+
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="bench.py predictor_refresh")
-    p.add_argument("--dim", type=int, action="append", help="repeatable; default 128")
-    p.add_argument("--rules", default="", help="comma-separated; default every registered rule")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    args = p.parse_args(argv)
+    args = parse_flags(FLAGS, "bench.py predictor_refresh", argv, __doc__)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf
 
     from keras_ncssl.predictors import RULES
 
-    names = [r for r in args.rules.split(",") if r] or sorted(RULES)
+    names = args.rules or sorted(RULES)
     for dim in args.dim or [128]:
         rng = np.random.default_rng(dim)
         z = rng.normal(size=(4 * dim, dim)) * rng.uniform(0.1, 2.0, size=dim)

@@ -30,7 +30,8 @@ def main(argv):
     FLAGS(["bench.py train_step", *runner_flags.resolve_flagfile_arguments(argv)])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        config = dict(runner_flags.resolved(FLAGS), mode="pretrain")
+        config = runner_flags.resolved(FLAGS).replace(mode="pretrain")
+        import builders
         import runner
         prepared = runner.preflight(config)
     except runner_flags.ConfigError as error:
@@ -42,7 +43,7 @@ def main(argv):
     from keras_ncssl import runtime
 
     model, strategy = prepared.model, prepared.strategy
-    shape = runner.input_shape(config)
+    shape = builders.input_shape(config)
     rng = np.random.default_rng(0)
     views = tuple(tf.constant(rng.normal(size=(config["batch_size"], *shape)).astype(np.float32))
                   for _ in range(2))

@@ -23,16 +23,7 @@ collapse in dimension the way the identity predictor does (effective rank of F),
 keep DirectPred's rank (claims below: "held" or "inconclusive" = not below DirectPred by more
 than one std)?
 """
-import importlib.util
-import os
-
-# The sweep loads a study by path, not as a package: load its sibling the same way, so that
-# DirectPred's reference flags (and how a configuration replaces them) are defined once.
-_spec = importlib.util.spec_from_file_location(
-    "_eo_ridge_paper_claims", os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_claims.py"))
-_paper_claims = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paper_claims)
-_DIRECTPRED, _directpred = _paper_claims._DIRECTPRED, _paper_claims._directpred
+from studies.paper_claims import DIRECTPRED, directpred  # DirectPred's reference flags, defined once
 
 DESCRIPTION = ("[EO] closed-form predictors at each rule's best ridge alpha (100-epoch ImageNet table), "
                "against DirectPred and the identity predictor, at one budget.")
@@ -53,17 +44,17 @@ SMALLER_RIDGE = (("newton_schulz", 0.3, 66.7), ("ns2", 0.3, 68.6), ("stiefel", 0
                  ("stiefel", 0.15, 67.7))
 
 CONFIGS = [
-    {"name": "directpred", "flags": list(_DIRECTPRED),  # also evaluates the random-init / pixel baselines
+    {"name": "directpred", "flags": list(DIRECTPRED),  # also evaluates the random-init / pixel baselines
      "description": "DirectPred, rho 0.3, eps 0.1, freq 1 (reference)"},
     {"name": "no_predictor", "flags": ["--predictor=none", "--ema=true", "--method=byol",
                                        "--eval_baselines=false"],
      "description": "identity predictor with EMA: the collapse in dimension to avoid"},
 ] + [
-    {"name": _name(rule, alpha), "flags": _directpred(f"--predictor={rule}", f"--eps={alpha:g}"),
+    {"name": _name(rule, alpha), "flags": directpred(f"--predictor={rule}", f"--eps={alpha:g}"),
      "description": f"{rule} ([EO]) with ridge eps {alpha:g} ([EO]'s best at 100 epochs: {top1})"}
     for rule, alpha, top1 in BEST_RIDGE
 ] + [
-    {"name": _name(rule, alpha), "flags": _directpred(f"--predictor={rule}", f"--eps={alpha:g}"),
+    {"name": _name(rule, alpha), "flags": directpred(f"--predictor={rule}", f"--eps={alpha:g}"),
      "description": f"{rule} ([EO]) with ridge eps {alpha:g} ([EO] at 100 epochs: {top1})"}
     for rule, alpha, top1 in SMALLER_RIDGE
 ]

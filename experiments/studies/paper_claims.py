@@ -21,36 +21,36 @@ aggregator takes the random-init row from whichever runs have it.
 
 # The reference DirectPred of [DP] Tab. 6/8 (rho 0.3, eps 0.1, freq 1). It is also the eps=0.1
 # point of the eps ablation and the rho=0.3 point of the rho ablation, so those are not rerun.
-_DIRECTPRED = ["--predictor=directpred", "--rho=0.3", "--eps=0.1", "--freq=1", "--ema=true",
+DIRECTPRED = ["--predictor=directpred", "--rho=0.3", "--eps=0.1", "--freq=1", "--ema=true",
                "--method=byol"]
-_NO_BASELINES = ["--eval_baselines=false"]
+NO_BASELINES = ["--eval_baselines=false"]
 
 
-def _directpred(*changes):
+def directpred(*changes):
     """DirectPred's flags with ``changes`` replacing flags of the same name, then no baselines.
 
     Replacing rather than appending keeps every command free of repeated flags, so a reader of
     run.log sees each value once.
     """
     replacements = {change.split("=", 1)[0]: change for change in changes}
-    flags = [replacements.pop(flag.split("=", 1)[0], flag) for flag in _DIRECTPRED]
-    return flags + list(replacements.values()) + _NO_BASELINES
+    flags = [replacements.pop(flag.split("=", 1)[0], flag) for flag in DIRECTPRED]
+    return flags + list(replacements.values()) + NO_BASELINES
 
 
 DESCRIPTION = ("[DP] Tab. 3/6/8 and [EO]: closed-form predictors against trained ones, plus the "
                "collapse and eps/rho ablations, at one budget.")
 
 CONFIGS = [
-    {"name": "directpred", "flags": list(_DIRECTPRED),  # the only one with baselines
+    {"name": "directpred", "flags": list(DIRECTPRED),  # the only one with baselines
      "description": "DirectPred, rho 0.3, eps 0.1, freq 1 ([DP] Tab. 6/8 reference); also evaluates "
                     "the random-init and raw-pixel baselines of its seed"},
-    {"name": "mlp_predictor", "flags": ["--predictor=mlp", "--ema=true", "--method=byol"] + _NO_BASELINES,
+    {"name": "mlp_predictor", "flags": ["--predictor=mlp", "--ema=true", "--method=byol"] + NO_BASELINES,
      "description": "2-layer BN+ReLU predictor trained by SGD ([DP] Tab. 3: 78.85 on STL-10)"},
-    {"name": "sgd_linear", "flags": ["--predictor=linear", "--ema=true", "--method=byol"] + _NO_BASELINES,
+    {"name": "sgd_linear", "flags": ["--predictor=linear", "--ema=true", "--method=byol"] + NO_BASELINES,
      "description": "linear predictor trained by SGD ([DP] Tab. 8: 75.06 on STL-10)"},
-    {"name": "directpred_freq5", "flags": _directpred("--freq=5"),
+    {"name": "directpred_freq5", "flags": directpred("--freq=5"),
      "description": "DirectPred set every 5 steps, SGD in between ([DP] Tab. 8: 77.54)"},
-    {"name": "directcopy", "flags": _directpred("--predictor=directcopy"),
+    {"name": "directcopy", "flags": directpred("--predictor=directcopy"),
      "description": "DirectCopy F/||F||_2 + eps I with DirectPred's rho 0.3 and eps 0.1, so only "
                     "the power (1 instead of 1/2) changes"},
     # [EO]'s ImageNet table: without a ridge NS^2 and Stiefel lose about 2 points (66.8 / 66.7 at
@@ -59,21 +59,21 @@ CONFIGS = [
     # Our eps is added to a base whose top eigenvalue is ~1 (the rules' scale="spectral", [EO]'s
     # "maximal eigenvalue 1 by spectral normalization"), so it is [EO]'s alpha at that scale.
     # (The rows in BUILD_NOTES "Reproduction study" predate this scale; see issue 25's section.)
-    {"name": "ns2_ridge0.3", "flags": _directpred("--predictor=ns2", "--eps=0.3"),
+    {"name": "ns2_ridge0.3", "flags": directpred("--predictor=ns2", "--eps=0.3"),
      "description": "NS^2 ([EO], ~F^{1/4}, matmul only) with ridge eps 0.3 ([EO]: 68.6 at alpha 0.3)"},
-    {"name": "stiefel_ridge0.3", "flags": _directpred("--predictor=stiefel", "--eps=0.3"),
+    {"name": "stiefel_ridge0.3", "flags": directpred("--predictor=stiefel", "--eps=0.3"),
      "description": "Stiefel ([EO], polar factor of F) with ridge eps 0.3 ([EO]'s best: 68.8)"},
-    {"name": "simsiam_directpred", "flags": _directpred("--method=simsiam"),
+    {"name": "simsiam_directpred", "flags": directpred("--method=simsiam"),
      "description": "SimSiam (no EMA target, stop-gradient) with DirectPred"},
-    {"name": "no_predictor", "flags": ["--predictor=none", "--ema=true", "--method=byol"] + _NO_BASELINES,
+    {"name": "no_predictor", "flags": ["--predictor=none", "--ema=true", "--method=byol"] + NO_BASELINES,
      "description": "ablation: identity predictor with EMA; expected to collapse ([DP] Thm 2, BYOL)"},
     {"name": "symmetric_no_ema", "flags": ["--predictor=linear_symmetric", "--ema=false", "--method=byol"]
-     + _NO_BASELINES,
+     + NO_BASELINES,
      "description": "ablation: symmetric SGD linear predictor without EMA; expected to collapse "
                     "([DP] Tab. 3: 36.62)"},
-    {"name": "directpred_eps0", "flags": _directpred("--eps=0"),
+    {"name": "directpred_eps0", "flags": directpred("--eps=0"),
      "description": "ablation: DirectPred eps 0 ([DP] Tab. 6: 76.77 vs 77.86 at eps 0.1 = `directpred`)"},
-    {"name": "directpred_rho0.5", "flags": _directpred("--rho=0.5"),
+    {"name": "directpred_rho0.5", "flags": directpred("--rho=0.5"),
      "description": "ablation: DirectPred rho 0.5 ([DP] Tab. 6: 77.56 vs 77.86 at rho 0.3 = `directpred`)"},
 ]
 

@@ -3,7 +3,9 @@ import dataclasses
 from typing import Dict, Tuple, Union
 
 
-def _check_range(name, value, low, high, pair=False):
+def check_range(name, value, low, high, pair=False):
+    """``value`` in [low, high] (``pair``: a (min, max) pair inside it); ValueError naming ``name``
+    otherwise. Shared by ViewConfig and the crop sampler."""
     if pair:
         if (not isinstance(value, (tuple, list)) or len(value) != 2
                 or not low <= value[0] <= value[1] <= high):
@@ -54,18 +56,18 @@ class ViewConfig:
     erase_value: float = 0.0
 
     def __post_init__(self):
-        _check_range("crop_scale", self.crop_scale, 1e-6, 1.0, pair=True)
-        _check_range("crop_ratio", self.crop_ratio, 1e-3, 1e3, pair=True)
+        check_range("crop_scale", self.crop_scale, 1e-6, 1.0, pair=True)
+        check_range("crop_ratio", self.crop_ratio, 1e-3, 1e3, pair=True)
         for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob",
                      "solarize_prob", "solarize_threshold", "blur_kernel_fraction",
                      "erase_prob", "erase_value"):
-            _check_range(name, getattr(self, name), 0.0, 1.0)
+            check_range(name, getattr(self, name), 0.0, 1.0)
         for name in ("brightness", "contrast", "saturation"):
-            _check_range(name, getattr(self, name), 0.0, 10.0)
-        _check_range("hue", self.hue, 0.0, 0.5)
-        _check_range("blur_sigma", self.blur_sigma, 1e-3, 100.0, pair=True)
-        _check_range("erase_scale", self.erase_scale, 1e-6, 1.0, pair=True)
-        _check_range("erase_ratio", self.erase_ratio, 1e-3, 1e3, pair=True)
+            check_range(name, getattr(self, name), 0.0, 10.0)
+        check_range("hue", self.hue, 0.0, 0.5)
+        check_range("blur_sigma", self.blur_sigma, 1e-3, 100.0, pair=True)
+        check_range("erase_scale", self.erase_scale, 1e-6, 1.0, pair=True)
+        check_range("erase_ratio", self.erase_ratio, 1e-3, 1e3, pair=True)
 
 
 # BYOL (Grill et al. 2020, Tab. 6): jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2; asymmetric

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 # ITU-R BT.601 luma, as torchvision uses; the weights sum to exactly 1, so gray images
 # are fixed points of every colour op (the 1-channel fast path relies on it).
-_LUMA = (0.299, 0.587, 0.114)
+LUMA = (0.299, 0.587, 0.114)
 
 
 RESIZE_METHODS = ("resize", "pad")
@@ -43,7 +43,7 @@ def convert_images(images, image_size: Optional[int], channels: int,
     if in_channels == 1 and channels == 3:
         x = tf.tile(x, [1, 1, 1, 3])
     elif in_channels == 3 and channels == 1:
-        x = tf.reduce_sum(x * tf.constant(_LUMA, tf.float32), axis=-1, keepdims=True)
+        x = tf.reduce_sum(x * tf.constant(LUMA, tf.float32), axis=-1, keepdims=True)
     size = None if image_size is None else int(image_size)
     h, w = x.shape[1], x.shape[2]
     if size is not None and (h != size or w != size):
@@ -89,7 +89,7 @@ def normalization_stats(mean: Sequence[float], std: Sequence[float],
         return mean, std
     if mean.size == 1:
         return np.repeat(mean, channels), np.repeat(std, channels)
-    luma = np.asarray(_LUMA, np.float32)
+    luma = np.asarray(LUMA, np.float32)
     return np.asarray([luma @ mean]), np.asarray([luma @ std])
 
 

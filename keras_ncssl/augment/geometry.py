@@ -4,14 +4,16 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_ncssl.augment.config import _check_range
+from keras_ncssl.augment.config import check_range
 
 
-def _uniform(seed, n, low, high):
+def sample_uniform(seed, n, low, high):
+    """``n`` stateless uniform draws in [low, high) from ``seed`` (a shape-[2] seed)."""
     return tf.random.stateless_uniform([n], seed=seed, minval=low, maxval=high)
 
 
-def _bernoulli(seed, n, p):
+def sample_bernoulli(seed, n, p):
+    """``n`` stateless Bernoulli(p) booleans from ``seed`` (a shape-[2] seed)."""
     return tf.random.stateless_uniform([n], seed=seed) < p
 
 
@@ -24,8 +26,8 @@ def sample_crop_boxes(seed, batch_size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0
     fits, a centre crop of the whole image with its aspect clamped into `ratio`. `height` and
     `width` (pixels) matter only for non-square images, where the aspect is in pixels.
     """
-    _check_range("scale", tuple(scale), 1e-6, 1.0, pair=True)
-    _check_range("ratio", tuple(ratio), 1e-3, 1e3, pair=True)
+    check_range("scale", tuple(scale), 1e-6, 1.0, pair=True)
+    check_range("ratio", tuple(ratio), 1e-3, 1e3, pair=True)
     seeds = tf.random.experimental.stateless_split(seed, 4)
     n = batch_size
     area = tf.random.stateless_uniform([n, attempts], seeds[0], scale[0], scale[1])

@@ -6,7 +6,7 @@ import tensorflow as tf
 from keras_ncssl.augment.config import PresetLike, ViewConfig, get_preset
 from keras_ncssl.augment.convert import (RESIZE_METHODS, convert_images, normalization_stats, normalize,
                                          stage_variable_size)
-from keras_ncssl.augment.views import _check_local_views, make_view_fn
+from keras_ncssl.augment.views import check_local_views, make_view_fn
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -92,7 +92,7 @@ def pretrain_dataset(data, preset: PresetLike = "byol", batch_size: int = 256,
     ds, image_size, channels, mean, std, native = _resolve(data, image_size, channels, mean,
                                                            std)
     get_preset(preset)  # fail early on a bad preset
-    local_views = _check_local_views(local_views, local_size)
+    local_views = check_local_views(local_views, local_size)
     if resize_method not in RESIZE_METHODS:
         raise ValueError(f"resize_method={resize_method!r}; choose one of {list(RESIZE_METHODS)}")
     if int(batch_size) < 1:

@@ -7,16 +7,16 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ncssl.augment.config import PresetLike, ViewConfig, get_preset
-from keras_ncssl.augment.convert import _LUMA, convert_images, normalization_stats, normalize
-from keras_ncssl.augment.geometry import (_bernoulli, _uniform, apply_separable, blur_matrix, resample_matrix,
-                                          sample_crop_boxes)
+from keras_ncssl.augment.convert import LUMA, convert_images, normalization_stats, normalize
+from keras_ncssl.augment.geometry import (apply_separable, blur_matrix, resample_matrix, sample_bernoulli,
+                                          sample_crop_boxes, sample_uniform)
 
 
 def _gray(x):
     """BT.601 luma [B, H, 1, W] of a [B, H, C, W] batch."""
     if x.shape[2] == 1:
         return x
-    return tf.reduce_sum(x * tf.reshape(tf.constant(_LUMA, tf.float32), [1, 1, 3, 1]),
+    return tf.reduce_sum(x * tf.reshape(tf.constant(LUMA, tf.float32), [1, 1, 3, 1]),
                          axis=2, keepdims=True)
 
 
@@ -24,7 +24,7 @@ def _bcast(v):
     return tf.reshape(v, [-1, 1, 1, 1])
 
 
-def _shift_hue(x, delta):
+def shift_hue(x, delta):
     """Rotates the HSV hue of a [B, H, 3, W] batch by `delta` (fraction of a turn, [B,1,1,1]).
 
     The same maps as tf.image.rgb_to_hsv / hsv_to_rgb (torchvision's adjust_hue), written on
@@ -64,7 +64,7 @@ def _color_jitter(x, params, cfg: ViewConfig):
         g = _gray(x)
         x = tf.clip_by_value((x - g) * _bcast(params["saturation"]) + g, 0.0, 1.0)
     if color and cfg.hue > 0:
-        x = tf.clip_by_value(_shift_hue(x, _bcast(params["hue"])), 0.0, 1.0)
+        x = tf.clip_by_value(shift_hue(x, _bcast(params["hue"])), 0.0, 1.0)
     return x
 
 
@@ -88,7 +88,7 @@ def sample_view_params(config: ViewConfig, seed, batch_size, height: int,
     """
     n = batch_size
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 12)
-    jitter = _bernoulli(seeds[2], n, config.jitter_prob)
+    jitter = sample_bernoulli(seeds[2], n, config.jitter_prob)
     erase_seeds = tf.random.experimental.stateless_split(seeds[11], 2)
     erase_boxes = sample_crop_boxes(erase_seeds[1], n, config.erase_scale, config.erase_ratio,
                                     height, width)
@@ -97,22 +97,22 @@ def sample_view_params(config: ViewConfig, seed, batch_size, height: int,
     erase_area = (erase_boxes[:, 2] - erase_boxes[:, 0]) * (erase_boxes[:, 3] - erase_boxes[:, 1])
 
     def factor(s, strength):
-        return tf.where(jitter, _uniform(s, n, max(0.0, 1.0 - strength), 1.0 + strength), 1.0)
+        return tf.where(jitter, sample_uniform(s, n, max(0.0, 1.0 - strength), 1.0 + strength), 1.0)
 
     return {
         "boxes": sample_crop_boxes(seeds[0], n, config.crop_scale, config.crop_ratio,
                                    height, width),
-        "flip": _bernoulli(seeds[1], n, config.flip_prob),
+        "flip": sample_bernoulli(seeds[1], n, config.flip_prob),
         "brightness": factor(seeds[3], config.brightness),
         "contrast": factor(seeds[4], config.contrast),
         "saturation": factor(seeds[5], config.saturation),
-        "hue": tf.where(jitter, _uniform(seeds[6], n, -config.hue, config.hue), 0.0),
-        "grayscale": _bernoulli(seeds[7], n, config.grayscale_prob),
-        "blur": _bernoulli(seeds[8], n, config.blur_prob),
-        "blur_sigma": _uniform(seeds[9], n, config.blur_sigma[0], config.blur_sigma[1]),
-        "solarize": _bernoulli(seeds[10], n, config.solarize_prob),
+        "hue": tf.where(jitter, sample_uniform(seeds[6], n, -config.hue, config.hue), 0.0),
+        "grayscale": sample_bernoulli(seeds[7], n, config.grayscale_prob),
+        "blur": sample_bernoulli(seeds[8], n, config.blur_prob),
+        "blur_sigma": sample_uniform(seeds[9], n, config.blur_sigma[0], config.blur_sigma[1]),
+        "solarize": sample_bernoulli(seeds[10], n, config.solarize_prob),
         # seeds[11] was unused before erasing existed: the draws above are unchanged by it.
-        "erase": _bernoulli(erase_seeds[0], n, config.erase_prob)
+        "erase": sample_bernoulli(erase_seeds[0], n, config.erase_prob)
                  & (erase_area <= config.erase_scale[1] * (1.0 + 1e-5)),
         "erase_boxes": erase_boxes,
     }
@@ -201,7 +201,7 @@ def make_view_fn(preset: PresetLike, mean: Sequence[float], std: Sequence[float]
     locals.
     """
     view_cfgs = get_preset(preset)
-    local_views = _check_local_views(local_views, local_size)
+    local_views = check_local_views(local_views, local_size)
     if local_views:
         local_config = local_config or local_view_config(view_cfgs)
         view_cfgs = tuple(view_cfgs) + (local_config,) * local_views
@@ -237,7 +237,9 @@ def local_view_config(view_cfgs, crop_scale=LOCAL_CROP_SCALE) -> ViewConfig:
     return dataclasses.replace(get_preset(view_cfgs)[0], crop_scale=tuple(crop_scale))
 
 
-def _check_local_views(local_views, local_size):
+def check_local_views(local_views, local_size):
+    """The multi-crop arguments checked (an int >= 0; a size >= 2 px when there are local
+    views); returns local_views as an int. Shared by the view function and the pipeline."""
     if not isinstance(local_views, (int, np.integer)) or local_views < 0:
         raise ValueError(f"local_views={local_views!r} must be an integer >= 0 (0: no multi-crop)")
     if local_views and (not isinstance(local_size, (int, np.integer)) or local_size < 2):

@@ -18,7 +18,7 @@ from keras_ncssl.data.binary_layouts import (CIFAR_IMAGE_BYTES, CIFAR_LAYOUTS, S
                                              STL10_FOLDER, STL10_IMAGE_BYTES, STL10_SHAPE, check_labels,
                                              find_folder, read_bytes, read_names, record_count,
                                              refuse_python_version)
-from keras_ncssl.data.splits import DatasetSplits, _validation_indices, splits_from_arrays
+from keras_ncssl.data.splits import DatasetSplits, validation_indices, splits_from_arrays
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -114,7 +114,7 @@ def load_stl10_binary(folder: str, validation_fraction: float = 0.1, seed: int =
         return raw.transpose(0, 3, 2, 1)
 
     y_train, y_test = labels["train"][0], labels["test"][0]
-    val = _validation_indices(y_train, len(y_train), validation_fraction, seed)
+    val = validation_indices(y_train, len(y_train), validation_fraction, seed)
     is_val = np.zeros(len(y_train), bool)
     is_val[val] = True
     x_train = images("train")

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ncssl.data.registry import register_dataset
-from keras_ncssl.data.splits import DatasetSplits, _validation_indices
+from keras_ncssl.data.splits import DatasetSplits, validation_indices
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def load_image_folder(data_dir=None, validation_fraction=0.1, seed=0, image_size
                 unlabelled_paths += _list_images(os.path.join(data_dir, name), extensions)
     elif subdirs:
         paths, labels, class_names = _scan_labelled(data_dir, extensions)
-        test = set(_validation_indices(np.asarray(labels), len(labels), float(test_fraction),
+        test = set(validation_indices(np.asarray(labels), len(labels), float(test_fraction),
                                        seed=0).tolist()) if labels else set()
         train_paths = [p for i, p in enumerate(paths) if i not in test]
         train_labels = [y for i, y in enumerate(labels) if i not in test]
@@ -171,7 +171,7 @@ def load_image_folder(data_dir=None, validation_fraction=0.1, seed=0, image_size
         return ds.map(lambda p, y: (decode(p), y), num_parallel_calls=AUTOTUNE)
 
     y_train = np.asarray(train_labels, np.int64)
-    val = _validation_indices(y_train, len(y_train), validation_fraction, seed)
+    val = validation_indices(y_train, len(y_train), validation_fraction, seed)
     is_val = np.zeros(len(y_train), bool)
     is_val[val] = True
     probe = [p for p, v in zip(train_paths, is_val) if not v]

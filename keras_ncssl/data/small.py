@@ -3,7 +3,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ncssl.data.registry import register_dataset
-from keras_ncssl.data.splits import DatasetSplits, _validation_indices, splits_from_arrays
+from keras_ncssl.data.splits import DatasetSplits, validation_indices, splits_from_arrays
 
 
 @register_dataset("digits")
@@ -20,7 +20,7 @@ def load_digits(data_dir=None, validation_fraction=0.1, seed=0,
     digits = _sk_digits()
     x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     y = digits.target.astype(np.int64)
-    test = _validation_indices(y, len(y), float(test_fraction), seed=0)
+    test = validation_indices(y, len(y), float(test_fraction), seed=0)
     is_test = np.zeros(len(y), bool)
     is_test[test] = True
     return splits_from_arrays("digits", x[~is_test], y[~is_test], x[is_test], y[is_test],

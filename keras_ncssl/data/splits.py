@@ -80,7 +80,7 @@ def as_numpy(ds: tf.data.Dataset, limit: Optional[int] = None,
     return tuple(np.concatenate(store) for store in parts)
 
 
-def _validation_indices(labels: Optional[np.ndarray], n: int, fraction: float,
+def validation_indices(labels: Optional[np.ndarray], n: int, fraction: float,
                         seed: int) -> np.ndarray:
     """Sorted indices of the validation split; stratified by class when labels are given."""
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def splits_from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_te
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError(f"image/label counts differ: train {len(x_train)}/{len(y_train)}, "
                          f"test {len(x_test)}/{len(y_test)}")
-    val = _validation_indices(y_train, len(y_train), validation_fraction, seed)
+    val = validation_indices(y_train, len(y_train), validation_fraction, seed)
     keep = np.ones(len(y_train), bool)
     keep[val] = False
     arrays = {"train": (x_train[keep], y_train[keep]),

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from keras_ncssl.data.binary_readers import BINARY_FOLDERS, load_binary_folder
 from keras_ncssl.data.registry import register_dataset
-from keras_ncssl.data.splits import DatasetNotAvailableError, DatasetSplits, _validation_indices
+from keras_ncssl.data.splits import DatasetNotAvailableError, DatasetSplits, validation_indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _load_tfds(name: str, data_dir, validation_fraction: float, seed: int,
         # shuffle_files=False: a deterministic order, which the index-based split relies on.
         return builder.as_dataset(split=split, as_supervised=supervised, shuffle_files=False)
 
-    val = _validation_indices(None, n_train, validation_fraction, seed)
+    val = validation_indices(None, n_train, validation_fraction, seed)
     is_val = np.zeros(n_train, bool)
     is_val[val] = True
     is_val_t = tf.constant(is_val)

@@ -27,7 +27,7 @@ integers after its resize, where a rounding difference could flip a pixel, so it
 """
 import tensorflow as tf
 
-from keras_ncssl.augment.convert import _LUMA, normalize, stage_variable_size
+from keras_ncssl.augment.convert import LUMA, normalize, stage_variable_size
 from keras_ncssl.augment.geometry import resample_matrix
 
 SIGNATURE = "serve"
@@ -63,7 +63,7 @@ def _to_channels(x, in_channels, channels):
     """As `convert_images`: grey repeated to 3 channels, or RGB to 1 by luma; else kept."""
     if channels == 3:
         return tf.broadcast_to(x, tf.concat([tf.shape(x)[:3], [3]], 0))
-    weights = tf.where(tf.equal(in_channels, 3), tf.constant(_LUMA, tf.float32),
+    weights = tf.where(tf.equal(in_channels, 3), tf.constant(LUMA, tf.float32),
                        tf.constant([1.0, 0.0, 0.0]))[:in_channels]
     return tf.reduce_sum(x * weights, axis=-1, keepdims=True)
 

@@ -1,5 +1,9 @@
 """Shared by the three levels of `keras_ncssl.theory`: argument validation and the fixed-step
-integrators (classical RK4, forward Euler)."""
+integrators (classical RK4, forward Euler).
+
+The package's internal API (used by linear.py, modes.py and symmetric.py): ``check_number``,
+``check_matrix``, ``check_symmetric``, ``check_covariance``, ``check_choice`` (each raises a
+ValueError naming the argument) and ``integrate``."""
 import math
 import numbers
 
@@ -17,7 +21,7 @@ _SYMMETRY_RTOL = 1e-6
 _PSD_RTOL = 1e-6
 
 
-def _number(name, value, *, minimum=0.0, strict=False, allow_none=False):
+def check_number(name, value, *, minimum=0.0, strict=False, allow_none=False):
     """A finite real scalar >= minimum (> minimum if strict); ValueError otherwise."""
     if value is None and allow_none:
         return None
@@ -32,7 +36,8 @@ def _number(name, value, *, minimum=0.0, strict=False, allow_none=False):
     return value
 
 
-def _matrix(name, value, shape=None):
+def check_matrix(name, value, shape=None):
+    """A finite real 2-D float64 array (of ``shape`` if given); ValueError naming ``name`` otherwise."""
     try:
         array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as error:
@@ -46,7 +51,8 @@ def _matrix(name, value, shape=None):
     return array
 
 
-def _check_symmetric(name, array):
+def check_symmetric(name, array):
+    """ValueError unless ``array`` is symmetric to a relative tolerance of its scale."""
     scale = max(1.0, float(np.max(np.abs(array))))
     asymmetry = float(np.max(np.abs(array - array.T)))
     if asymmetry > _SYMMETRY_RTOL * scale:
@@ -54,12 +60,12 @@ def _check_symmetric(name, array):
             f"{name} must be symmetric; max |{name} - {name}^T| = {asymmetry:.3g}")
 
 
-def _covariance(name, value, n):
+def check_covariance(name, value, n):
     """n x n symmetric PSD matrix; a number c means c * I (c >= 0)."""
     if np.ndim(value) == 0:
-        return _number(name, value) * np.eye(n)
-    array = _matrix(name, value, (n, n))
-    _check_symmetric(name, array)
+        return check_number(name, value) * np.eye(n)
+    array = check_matrix(name, value, (n, n))
+    check_symmetric(name, array)
     array = 0.5 * (array + array.T)
     eigenvalues = diagnostics.spectrum(array)
     if eigenvalues[-1] < -_PSD_RTOL * max(1.0, eigenvalues[0]):
@@ -69,7 +75,8 @@ def _covariance(name, value, n):
     return array
 
 
-def _choice(name, value, allowed):
+def check_choice(name, value, allowed):
+    """``value`` if it is one of ``allowed``; ValueError naming ``name`` otherwise."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
@@ -88,11 +95,11 @@ def _rk4_step(rhs, state, h):
                  for y, a, b, c, d in zip(state, k1, k2, k3, k4))
 
 
-def _integrate(rhs, state, t_end, dt, method, record_every):
+def integrate(rhs, state, t_end, dt, method, record_every):
     """Integrate dy/dt = rhs(*y) from t = 0 to t_end; returns (times, stacked states)."""
-    t_end = _number("t_end", t_end)
-    dt = _number("dt", dt, strict=True)
-    _choice("method", method, METHODS)
+    t_end = check_number("t_end", t_end)
+    dt = check_number("dt", dt, strict=True)
+    check_choice("method", method, METHODS)
     if isinstance(record_every, bool) or not isinstance(record_every, numbers.Integral) \
             or record_every < 1:
         raise ValueError(f"record_every must be an integer >= 1, got {record_every!r}")

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from keras_ncssl import diagnostics
-from keras_ncssl.theory.common import PREDICTORS, _choice, _covariance, _integrate, _matrix, _number
+from keras_ncssl.theory.common import PREDICTORS, check_choice, check_covariance, integrate, check_matrix, check_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +63,12 @@ def _linear_rhs(X, X_total, alpha_p, eta, beta, stop_gradient, predictor):
 
 def _linear_setup(W, Wp, Wa, X, noise, alpha_p, eta, beta, stop_gradient, predictor):
     """Validate everything for the Lemma 1 flow; returns arrays and the rhs closure."""
-    W = _matrix("W", W)
+    W = check_matrix("W", W)
     n2, n1 = W.shape
-    alpha_p = _number("alpha_p", alpha_p)
-    eta = _number("eta", eta)
-    beta = _number("beta", beta, allow_none=True)
-    _choice("predictor", predictor, PREDICTORS)
+    alpha_p = check_number("alpha_p", alpha_p)
+    eta = check_number("eta", eta)
+    beta = check_number("beta", beta, allow_none=True)
+    check_choice("predictor", predictor, PREDICTORS)
     if not isinstance(stop_gradient, (bool, np.bool_)):
         raise ValueError(f"stop_gradient must be True or False, got {stop_gradient!r}")
     if not stop_gradient and beta is not None:
@@ -76,13 +76,13 @@ def _linear_setup(W, Wp, Wa, X, noise, alpha_p, eta, beta, stop_gradient, predic
             "stop_gradient=False needs the target Wa = W (beta=None); an EMA target is not a "
             f"function of W, got beta={beta!r}")
     if predictor == "identity":
-        if Wp is not None and not np.array_equal(_matrix("Wp", Wp, (n2, n2)), np.eye(n2)):
+        if Wp is not None and not np.array_equal(check_matrix("Wp", Wp, (n2, n2)), np.eye(n2)):
             raise ValueError("predictor='identity' fixes Wp = I; pass Wp=None")
         Wp = np.eye(n2)
     elif Wp is None:
         raise ValueError(f"Wp is required for predictor={predictor!r} (an ({n2}, {n2}) matrix)")
     else:
-        Wp = _matrix("Wp", Wp, (n2, n2))
+        Wp = check_matrix("Wp", Wp, (n2, n2))
         if predictor == "symmetric":
             # The symmetrised flow only stays on symmetric matrices if it starts there.
             Wp = 0.5 * (Wp + Wp.T)
@@ -91,9 +91,9 @@ def _linear_setup(W, Wp, Wa, X, noise, alpha_p, eta, beta, stop_gradient, predic
             raise ValueError("Wa is only used with an EMA target (beta given); with beta=None "
                              "the target is Wa = W (SimSiam)")
     else:
-        Wa = W.copy() if Wa is None else _matrix("Wa", Wa, (n2, n1))
-    X = _covariance("X", 1.0 if X is None else X, n1)
-    noise = _covariance("noise", noise, n1)
+        Wa = W.copy() if Wa is None else check_matrix("Wa", Wa, (n2, n1))
+    X = check_covariance("X", 1.0 if X is None else X, n1)
+    noise = check_covariance("noise", noise, n1)
     rhs = _linear_rhs(X, X + noise, alpha_p, eta, beta, bool(stop_gradient), predictor)
     return W, Wp, Wa, X, noise, alpha_p, eta, beta, rhs
 
@@ -174,9 +174,9 @@ def simulate_linear(W0, Wp0=None, Wa0=None, *, X=None, noise=0.0, alpha_p=1.0, e
     W, Wp, Wa, X, noise, alpha_p, eta, beta, rhs = _linear_setup(
         W0, Wp0, Wa0, X, noise, alpha_p, eta, beta, stop_gradient, predictor)
     _warn_if_stiff(W, Wp, X + noise, 0.0 if predictor == "identity" else alpha_p, eta, beta,
-                   stop_gradient, _number("dt", dt, strict=True))
+                   stop_gradient, check_number("dt", dt, strict=True))
     state = (W, Wp) if Wa is None else (W, Wp, Wa)
-    t, states = _integrate(rhs, state, t_end, dt, method, record_every)
+    t, states = integrate(rhs, state, t_end, dt, method, record_every)
     W_t, Wp_t = states[0], states[1]
     Wa_t = W_t if Wa is None else states[2]
     return LinearTrajectory(t=t, W=W_t, Wp=Wp_t, Wa=Wa_t, X=X, noise=noise,

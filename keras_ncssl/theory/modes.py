@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from keras_ncssl.theory.common import _integrate, _number
+from keras_ncssl.theory.common import integrate, check_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +75,8 @@ def _mode_setup(p, s, tau, alpha_p, eta, sigma2, beta):
     if np.any(s < 0):
         raise ValueError(f"s must be >= 0 (s_j is an eigenvalue of F = W X W^T); got min "
                          f"{s.min():.3g}")
-    return (p, s, tau, _number("alpha_p", alpha_p), _number("eta", eta),
-            _number("sigma2", sigma2), _number("beta", beta, allow_none=True))
+    return (p, s, tau, check_number("alpha_p", alpha_p), check_number("eta", eta),
+            check_number("sigma2", sigma2), check_number("beta", beta, allow_none=True))
 
 
 def mode_flow(p, s, tau=1.0, *, alpha_p=1.0, eta=0.0, sigma2=0.0, beta=None):
@@ -133,7 +133,7 @@ def simulate_modes(p0, s0, tau0=1.0, *, alpha_p=1.0, eta=0.0, sigma2=0.0, beta=N
     w = np.sqrt(s)
     rhs = _scalar_rhs(alpha_p, eta, sigma2, beta, tau)
     state = (w, p) if beta is None else (w, p, tau * w)
-    t, states = _integrate(rhs, state, t_end, dt, method, record_every)
+    t, states = integrate(rhs, state, t_end, dt, method, record_every)
     w_t, p_t = states[0], states[1]
     if beta is None:
         wa_t = tau * w_t
@@ -152,7 +152,7 @@ def motion_constant(p0, s0, alpha_p=1.0):
     :math:`s_j(t) = p_j(t)^2/\alpha_p + c_j e^{-2\eta t}`.  The paper prints
     :math:`c_j = p_j(0)^2/\alpha_p - s_j(0)`; that sign is a slip (set t = 0).
     """
-    alpha_p = _number("alpha_p", alpha_p, strict=True)
+    alpha_p = check_number("alpha_p", alpha_p, strict=True)
     return np.asarray(s0, dtype=np.float64) - np.asarray(p0, dtype=np.float64) ** 2 / alpha_p
 
 
@@ -162,8 +162,8 @@ def invariant_s(p, t, c, *, alpha_p=1.0, eta=0.0):
     With eta > 0 every mode approaches the invariant parabola s = p^2 / alpha_p ([DP] §3.2),
     the motivation for DirectPred's p_j proportional to sqrt(s_j).  Arrays broadcast.
     """
-    alpha_p = _number("alpha_p", alpha_p, strict=True)
-    eta = _number("eta", eta)
+    alpha_p = check_number("alpha_p", alpha_p, strict=True)
+    eta = check_number("eta", eta)
     p, t, c = (np.asarray(v, dtype=np.float64) for v in (p, t, c))
     return p ** 2 / alpha_p + c * np.exp(-2.0 * eta * t)
 
@@ -227,7 +227,7 @@ def simulate_parabola(p0, tau=1.0, eta=0.0, sigma2=0.0, *, t_end=10.0, dt=0.01, 
                          f"{sigma2.shape} must broadcast together") from None
     a = 1.0 + sigma2
     p0 = np.broadcast_to(p0, shape).copy()
-    t, (p_t,) = _integrate(lambda p: (p ** 2 * (tau - a * p) - eta * p,), (p0,), t_end, dt,
+    t, (p_t,) = integrate(lambda p: (p ** 2 * (tau - a * p) - eta * p,), (p0,), t_end, dt,
                            method, record_every)
     return t, p_t
 
@@ -274,9 +274,9 @@ def fixed_points(tau, eta, sigma2=0.0):
     tuple
         ``(p_minus, p_plus)`` as floats, or ``()``.
     """
-    tau = _number("tau", tau, strict=True)
-    eta = _number("eta", eta)
-    sigma2 = _number("sigma2", sigma2)
+    tau = check_number("tau", tau, strict=True)
+    eta = check_number("eta", eta)
+    sigma2 = check_number("sigma2", sigma2)
     # Same expression as collapse_eta, so the switch happens exactly at its value.
     if eta > collapse_eta(tau, sigma2):
         return ()

@@ -2,17 +2,17 @@
 [DP] Thm 3."""
 import numpy as np
 
-from keras_ncssl.theory.common import _check_symmetric, _covariance, _integrate, _matrix, _number
+from keras_ncssl.theory.common import check_symmetric, check_covariance, integrate, check_matrix, check_number
 
 
 def _symmetric_setup(F, Wp, tau, sigma2, alpha_p, eta):
-    F = _matrix("F", F)
+    F = check_matrix("F", F)
     n = F.shape[0]
-    F = _covariance("F", F, n)
-    Wp = _matrix("Wp", Wp, (n, n))
-    _check_symmetric("Wp", Wp)
-    return (F, 0.5 * (Wp + Wp.T), _number("tau", tau), _number("sigma2", sigma2),
-            _number("alpha_p", alpha_p), _number("eta", eta))
+    F = check_covariance("F", F, n)
+    Wp = check_matrix("Wp", Wp, (n, n))
+    check_symmetric("Wp", Wp)
+    return (F, 0.5 * (Wp + Wp.T), check_number("tau", tau), check_number("sigma2", sigma2),
+            check_number("alpha_p", alpha_p), check_number("eta", eta))
 
 
 def _symmetric_rhs(tau, sigma2, alpha_p, eta):
@@ -54,7 +54,7 @@ def simulate_symmetric(F0, Wp0, *, tau=1.0, sigma2=0.0, alpha_p=1.0, eta=0.0, t_
                        dt=0.01, method="rk4", record_every=1):
     """Integrate ``symmetric_flow``; returns (t (T,), F (T, n, n), Wp (T, n, n))."""
     F, Wp, tau, sigma2, alpha_p, eta = _symmetric_setup(F0, Wp0, tau, sigma2, alpha_p, eta)
-    t, (F_t, Wp_t) = _integrate(_symmetric_rhs(tau, sigma2, alpha_p, eta), (F, Wp), t_end, dt,
+    t, (F_t, Wp_t) = integrate(_symmetric_rhs(tau, sigma2, alpha_p, eta), (F, Wp), t_end, dt,
                                 method, record_every)
     return t, F_t, Wp_t
 
@@ -81,8 +81,8 @@ def alignment_operator(F, Wp, *, tau=1.0, sigma2=0.0, alpha_p=1.0, eta=0.0):
     Wp = np.asarray(Wp, dtype=np.float64)
     if F.shape[-2:] != Wp.shape[-2:] or F.shape[-1] != F.shape[-2]:
         raise ValueError(f"F {F.shape} and Wp {Wp.shape} must be square matrices of one size")
-    tau, sigma2 = _number("tau", tau), _number("sigma2", sigma2)
-    alpha_p, eta = _number("alpha_p", alpha_p), _number("eta", eta)
+    tau, sigma2 = check_number("tau", tau), check_number("sigma2", sigma2)
+    alpha_p, eta = check_number("alpha_p", alpha_p), check_number("eta", eta)
     a = 1.0 + sigma2
     return (a * (0.5 * alpha_p * F + Wp @ Wp) - tau * Wp
             + 1.5 * eta * np.eye(F.shape[-1]))
