@@ -28,18 +28,19 @@ Modules: `features` (extraction), `probe` (linear probe), `knn`, `few_label`, `p
 (everything in one call, baselines), `monitor` (the `KNNMonitor` callback). Everything public is
 importable from `keras_ncssl.evaluation`.
 """
-from keras_ncssl.evaluation.features import extract_features, make_feature_fn, resolve_encoder
+from keras_ncssl.evaluation.features import (accuracy, as_labels, check_split, extract_features, make_feature_fn,
+                                             resolve_encoder)
 from keras_ncssl.evaluation.few_label import FEW_LABEL_L2_GRID, few_label_probe, sample_few_labels
 from keras_ncssl.evaluation.knn import knn_predict, knn_top1
 from keras_ncssl.evaluation.monitor import KNNMonitor
-from keras_ncssl.evaluation.probe import (DEFAULT_L2_GRID, REFIT_CHOICES, SoftmaxRegression, Standardizer,
+from keras_ncssl.evaluation.probe import (DEFAULT_L2_GRID, DEFAULT_MAX_ITER, DEFAULT_TEST_TOL, DEFAULT_TOL, REFIT_CHOICES, SoftmaxRegression, Standardizer,
                                           linear_probe)
 from keras_ncssl.evaluation.protocol import (evaluate_encoder, evaluate_features, evaluate_raw_pixels,
                                              random_init_copy)
 
 __all__ = [
-    "DEFAULT_L2_GRID", "FEW_LABEL_L2_GRID", "KNNMonitor", "REFIT_CHOICES", "SoftmaxRegression",
-    "Standardizer", "evaluate_encoder", "evaluate_features", "evaluate_raw_pixels",
+    "DEFAULT_L2_GRID", "DEFAULT_MAX_ITER", "DEFAULT_TEST_TOL", "DEFAULT_TOL", "FEW_LABEL_L2_GRID", "KNNMonitor", "REFIT_CHOICES", "SoftmaxRegression",
+    "Standardizer", "accuracy", "as_labels", "check_split", "evaluate_encoder", "evaluate_features", "evaluate_raw_pixels",
     "extract_features", "few_label_probe", "knn_predict", "knn_top1", "linear_probe",
     "make_feature_fn", "random_init_copy", "resolve_encoder", "sample_few_labels",
 ]

@@ -1,7 +1,7 @@
 """Weighted kNN (Wu et al. 2018, InstDisc; the DINO evaluation): cosine, k = 200, weights exp(sim / T)."""
 import numpy as np
 
-from keras_ncssl.evaluation.features import _accuracy, _as_labels, _check_split
+from keras_ncssl.evaluation.features import accuracy, as_labels, check_split
 
 
 def _l2_normalize(x):
@@ -28,7 +28,7 @@ def knn_predict(bank_features, bank_labels, query_features, *, k=200, temperatur
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     bank = _l2_normalize(bank_features)
     queries = _l2_normalize(query_features)
-    bank_labels = _as_labels(bank_labels)
+    bank_labels = as_labels(bank_labels)
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(f"bank and query features must be [N, D] with the same D; got "
                          f"{bank.shape} and {queries.shape}")
@@ -56,8 +56,8 @@ def knn_predict(bank_features, bank_labels, query_features, *, k=200, temperatur
 
 def knn_top1(bank, query, *, k=200, temperature=0.1, batch_size=256):
     """Top-1 accuracy of :func:`knn_predict`; ``bank`` and ``query`` are (features, labels)."""
-    x_bank, y_bank = _check_split(bank, "bank")
-    x_query, y_query = _check_split(query, "query")
+    x_bank, y_bank = check_split(bank, "bank")
+    x_query, y_query = check_split(query, "query")
     predictions = knn_predict(x_bank, y_bank, x_query, k=k, temperature=temperature,
                               batch_size=batch_size)
-    return _accuracy(predictions, y_query)
+    return accuracy(predictions, y_query)
