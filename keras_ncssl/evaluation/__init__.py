@@ -39,13 +39,13 @@ from keras_ncssl.evaluation.knn import knn_predict, knn_top1
 from keras_ncssl.evaluation.monitor import KNNMonitor
 from keras_ncssl.evaluation.probe import (DEFAULT_L2_GRID, DEFAULT_MAX_ITER, DEFAULT_TEST_TOL, DEFAULT_TOL, REFIT_CHOICES, SoftmaxRegression, Standardizer,
                                           linear_probe)
-from keras_ncssl.evaluation.streaming import (DEFAULT_FEATURE_MEMORY_BUDGET, feature_bytes, needs_streaming,
-                                              streaming_linear_probe)
+from keras_ncssl.evaluation.streaming import (DEFAULT_FEATURE_MEMORY_BUDGET, evaluate_encoder_streaming,
+                                              feature_bytes, needs_streaming, streaming_linear_probe)
 from keras_ncssl.evaluation.protocol import (evaluate_encoder, evaluate_features, evaluate_raw_pixels,
                                              random_init_copy)
 
 __all__ = [
-    "DEFAULT_FEATURE_MEMORY_BUDGET", "feature_bytes", "needs_streaming", "streaming_linear_probe",
+    "DEFAULT_FEATURE_MEMORY_BUDGET", "evaluate_encoder_streaming", "feature_bytes", "needs_streaming", "streaming_linear_probe",
     "DEFAULT_L2_GRID", "DEFAULT_MAX_ITER", "DEFAULT_TEST_TOL", "DEFAULT_TOL", "FEW_LABEL_L2_GRID", "KNNMonitor", "REFIT_CHOICES", "SoftmaxRegression",
     "Standardizer", "accuracy", "as_labels", "check_split", "evaluate_encoder", "evaluate_features", "evaluate_raw_pixels",
     "extract_features", "few_label_probe", "knn_predict", "knn_top1", "linear_probe",

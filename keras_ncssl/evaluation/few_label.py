@@ -2,7 +2,7 @@
 import numpy as np
 
 from keras_ncssl.evaluation.features import as_labels, check_split
-from keras_ncssl.evaluation.probe import DEFAULT_MAX_ITER, DEFAULT_TOL, linear_probe
+from keras_ncssl.evaluation.probe import DEFAULT_MAX_ITER, DEFAULT_TOL, Standardizer, linear_probe
 
 # A few labels in many dimensions want stronger regularisation (on synthetic 512-D features
 # 10 per class picked the edge, 1e-1, of the grid of `probe.DEFAULT_L2_GRID`). As l2 grows the
@@ -53,11 +53,12 @@ def few_label_probe(train, val, test, *, n_per_class=10, seeds=(0, 1, 2, 3, 4),
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds has repeats, which would repeat draws: {seeds!r}")
     x_train, y_train = check_split(train, "train")
+    standardize = Standardizer(x_train)  # the same for every draw: computed once
     per_draw, l2_per_draw, converged = [], [], []
     for seed in seeds:
         index = sample_few_labels(y_train, n_per_class, seed)
         result = linear_probe((x_train[index], y_train[index]), val, test, l2_grid=l2_grid,
-                              max_iter=max_iter, tol=tol, standardize_with=x_train)
+                              max_iter=max_iter, tol=tol, standardize_with=standardize)
         per_draw.append(result["top1"])
         l2_per_draw.append(result["l2"])
         converged.append(result["converged"])

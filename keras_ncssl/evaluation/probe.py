@@ -136,7 +136,8 @@ def linear_probe(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train", ma
             tolerance on the largest entry of the objective's gradient.
         test_tol: the tolerance of the tested model (``tol`` where that is smaller).
         standardize_with: optional unlabelled feature array whose mean/std replace the
-            training split's (the few-label probe passes the whole unlabelled training split).
+            training split's (the few-label probe passes the whole unlabelled training split),
+            or a :class:`Standardizer` of such an array (computed once for many probes).
 
     Returns:
         dict with ``top1`` (test accuracy), ``l2`` (chosen), ``C`` (the equivalent
@@ -168,7 +169,10 @@ def linear_probe(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train", ma
                          f"{np.unique(y_train).tolist()}")
     start = time.perf_counter()
 
-    standardize = Standardizer(x_train if standardize_with is None else standardize_with)
+    if isinstance(standardize_with, Standardizer):
+        standardize = standardize_with
+    else:
+        standardize = Standardizer(x_train if standardize_with is None else standardize_with)
     xs_train, xs_val = standardize(x_train), standardize(x_val)
     val_top1, n_iter, gradient_max, models = {}, {}, {}, {}
 

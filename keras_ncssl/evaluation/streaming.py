@@ -174,3 +174,27 @@ def streaming_linear_probe(encoder, train, val, test, *, num_classes, l2_grid=DE
         "converged": None,
         "seconds": time.perf_counter() - start,
     }
+
+
+def evaluate_encoder_streaming(encoder, train, val, test, *, num_classes, l2_grid=DEFAULT_L2_GRID,
+                               epochs=30, strategy=None):
+    """:func:`streaming_linear_probe` with :func:`evaluate_features`' keys, for the runner.
+
+    kNN and the few-label probe need the training split's features in memory, so their keys
+    are None here and ``skipped`` says why.
+    """
+    result = streaming_linear_probe(encoder, train, val, test, num_classes=num_classes,
+                                    l2_grid=l2_grid, epochs=epochs, strategy=strategy)
+    return {
+        "linear_probe_top1": result["top1"],
+        "linear_probe_l2": result["l2"],
+        "linear_probe_val_top1": result["val_top1"],
+        "linear_probe_converged": None,
+        "linear_probe_method": result["method"],
+        "linear_probe_epochs": result["epochs"],
+        "linear_probe_train_loss_sum_over_heads": result["train_loss_sum_over_heads"],
+        "knn_top1": None,
+        "few_label_top1_mean": None,
+        "skipped": "kNN and few-label probe: the features exceed the memory budget",
+        "seconds": {"linear_probe": result["seconds"]},
+    }
