@@ -123,8 +123,13 @@ def _class_covariance(x, weights, bias):
 
 
 class KroneckerPreconditioner:
-    """The change of variables W = V (U * scale) V_A^T (+ the complement of V, scaled by
-    1/sqrt(l2)), b = V_A (u_b * bias_scale): the inverse square root of A (x) S + l2 I."""
+    """The change of variables W = V_S (U * scale) V_A^T, b = V_A (u_b * bias_scale): the
+    inverse square root of A (x) S + l2 I.
+
+    With fewer rows than features V_S spans only the data's directions. That is exact, not
+    an approximation: the data term sees only P W (P the projection onto the span of the
+    rows) and ||W||^2 = ||P W||^2 + ||(I - P) W||^2, so the minimiser has (I - P) W = 0.
+    """
 
     def __init__(self, objective, weights, bias, l2):
         eigvals, self.basis = objective.spectrum()
@@ -132,47 +137,26 @@ class KroneckerPreconditioner:
                                                                                     bias))
         class_eigvals = np.maximum(class_eigvals, 0.0)
         self.scale = 1.0 / np.sqrt(np.outer(eigvals, class_eigvals) + l2)
-        self.complement_scale = 1.0 / np.sqrt(l2)
-        self.partial = self.basis.shape[1] < self.basis.shape[0]
         # The bias is unpenalised; A is singular along the all-ones direction, on which f is
         # flat in b (a constant added to every logit), so that direction gets a unit scale.
         floor = 1e-3 * max(float(class_eigvals.max()), 1e-12)
         self.bias_scale = 1.0 / np.sqrt(np.maximum(class_eigvals, floor))
-        self.shape = (self.basis.shape[0], len(class_eigvals))
-
-    def _split(self, u):
-        dim, k = self.shape
-        rank = self.basis.shape[1]
-        head = u[:rank * k].reshape(rank, k)
-        rest = u[rank * k:rank * k + dim * k].reshape(dim, k) if self.partial else None
-        return head, rest, u[-k:]
 
     def to_params(self, u):
-        head, rest, u_b = self._split(u)
-        weights = self.basis @ (head * self.scale) @ self.class_basis.T
-        if rest is not None:  # the directions S does not span: only l2 curves f there
-            rest = rest - self.basis @ (self.basis.T @ rest)
-            weights += rest * self.complement_scale
-        return weights, self.class_basis @ (u_b * self.bias_scale)
+        k = len(self.bias_scale)
+        head = u[:-k].reshape(self.scale.shape)
+        return (self.basis @ (head * self.scale) @ self.class_basis.T,
+                self.class_basis @ (u[-k:] * self.bias_scale))
 
     def from_params(self, weights, bias):
-        """The inverse of :meth:`to_params`."""
+        """The inverse of :meth:`to_params` (on the span of V_S)."""
         head = (self.basis.T @ weights @ self.class_basis) / self.scale
-        parts = [head.ravel()]
-        if self.partial:
-            parts.append(((weights - self.basis @ (self.basis.T @ weights))
-                          / self.complement_scale).ravel())
-        parts.append((self.class_basis.T @ bias) / self.bias_scale)
-        return np.concatenate(parts)
+        return np.concatenate([head.ravel(), (self.class_basis.T @ bias) / self.bias_scale])
 
     def gradient(self, grad_w, grad_b):
         """The gradient with respect to U (the transpose of :meth:`to_params` applied)."""
-        parts = [((self.basis.T @ grad_w @ self.class_basis) * self.scale).ravel()]
-        if self.partial:
-            parts.append(((grad_w - self.basis @ (self.basis.T @ grad_w))
-                          * self.complement_scale).ravel())
-        parts.append((self.class_basis.T @ grad_b) * self.bias_scale)
-        return np.concatenate(parts)
+        return np.concatenate([((self.basis.T @ grad_w @ self.class_basis) * self.scale).ravel(),
+                               (self.class_basis.T @ grad_b) * self.bias_scale])
 
 
 class _Converged(Exception):
