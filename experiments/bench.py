@@ -6,6 +6,7 @@ prints one JSON line per measurement. Performance goals are checked here, never 
     python experiments/bench.py predictor_refresh --dim=128
     python experiments/bench.py train_step --encoder=resnet18 --image_size=32 --batch_size=128 --predictor=directpred
     python experiments/bench.py input --dataset=fashion_mnist --preset=grayscale
+    python experiments/bench.py evaluation --flagfile=experiments/quick.flags --workdir=runs/quick
 """
 import importlib
 import pkgutil
@@ -14,7 +15,9 @@ import sys
 
 def available():
     import benchmarks
-    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__))
+    # op_profile is the train_step benchmark's trace reader; peer_* run in the PyTorch environment
+    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
+                  if m.name != "op_profile" and not m.name.startswith("peer_"))
 
 
 def main(argv):

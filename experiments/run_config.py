@@ -116,6 +116,9 @@ class EvaluationConfig:
     few_label_draws: int
     probe_train_limit: int
     eval_baselines: bool
+    linear_probe: str
+    probe_memory_budget_mb: float
+    streaming_probe_epochs: int
 
 
 GROUPS = {"run": RunSettings, "data": DataConfig, "model": ModelConfig, "predictor": PredictorConfig,

@@ -129,6 +129,13 @@ flags.DEFINE_integer("few_label_per_class", 10, "Few-label probe: labels per cla
 flags.DEFINE_integer("few_label_draws", 5, "Few-label probe: number of draws.")
 flags.DEFINE_integer("probe_train_limit", 0, "Cap the probe's training split (0 = all).")
 flags.DEFINE_bool("eval_baselines", True, "Also evaluate a random-init encoder and raw pixels.")
+flags.DEFINE_enum("linear_probe", "auto", ["auto", "in_memory", "streaming"],
+                  "Linear probe: in_memory = L-BFGS on all features (with kNN and few-label probe); streaming = "
+                  "SGD heads on frozen features over tf.data under the run's strategy (linear probe only); auto = "
+                  "streaming when the float32 features of train+validation+test exceed --probe_memory_budget_mb.")
+flags.DEFINE_float("probe_memory_budget_mb", 4096, "--linear_probe=auto: feature memory (MiB) above which the "
+                     "probe streams (ImageNet's 1.33 M x 2048 features: 10.4 GiB).")
+flags.DEFINE_integer("streaming_probe_epochs", 30, "--linear_probe=streaming: SGD epochs over the training split.")
 
 
 NAMES = [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]
@@ -158,13 +165,15 @@ _RANGES = [
     ("knn_monitor_every", 0, None, ">= 0 (0 = off)"), ("knn_monitor_bank", 1, None, ">= 1"),
     ("knn_monitor_queries", 1, None, ">= 1"), ("knn_k", 1, None, ">= 1"), ("few_label_per_class", 0, None, ">= 0"),
     ("few_label_draws", 1, None, ">= 1"), ("probe_train_limit", 0, None, ">= 0 (0 = all)"),
+    ("streaming_probe_epochs", 1, None, ">= 1"),
     ("max_consecutive_nonfinite", 0, None, ">= 0 (0 = never stop)"), ("rule_iterations", 0, None, ">= 0 (0 = default)"),
     ("lr", 0.0, None, "> 0"), ("momentum", 0.0, 1.0, "in [0, 1)"), ("weight_decay", 0.0, None, ">= 0"),
     ("tau_base", 0.0, 1.0, "in [0, 1]"), ("warmup_epochs", 0.0, None, ">= 0"),
     ("predictor_lr_multiplier", 0.0, None, "> 0"), ("predictor_ema", 0.0, 1.0, "in [0, 1)"),
-    ("knn_temperature", 0.0, None, "> 0"), ("power", 0.0, None, "> 0"), ("width_multiplier", 0.0, None, "> 0"),
+    ("knn_temperature", 0.0, None, "> 0"), ("probe_memory_budget_mb", 0.0, None, "> 0"), ("power", 0.0, None, "> 0"),
+    ("width_multiplier", 0.0, None, "> 0"),
 ]
-_OPEN_LOW = {"lr", "predictor_lr_multiplier", "knn_temperature", "power", "width_multiplier"}
+_OPEN_LOW = {"lr", "predictor_lr_multiplier", "knn_temperature", "probe_memory_budget_mb", "power", "width_multiplier"}
 _OPEN_HIGH = {"momentum", "predictor_ema"}
 
 

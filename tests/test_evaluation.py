@@ -57,11 +57,13 @@ def test_linear_probe_separable_clusters_near_perfect(rng):
     for n in (300, 150, 150):
         x, y, centres = _clusters(rng, n, centres=centres)
         splits.append((x, y))
-    result = ev.linear_probe(*splits)
-    assert result["top1"] >= 0.99
+    # tol 1e-7, well below the gradient gap between neighbouring L2 values here (at the
+    # default 1e-4 the previous value's model already passes for l2 = 1e-4).
+    result = ev.linear_probe(*splits, tol=1e-7)
+    assert result["top1"] >= 0.99 and result["converged"]
     assert set(result["val_top1"]) == set(ev.DEFAULT_L2_GRID)
     # Each warm-started grid value really moved off the previous solution.
-    assert all(n > 0 for n in result["n_iter"].values()), result["n_iter"]
+    assert all(result["n_iter"][l2] > 0 for l2 in ev.DEFAULT_L2_GRID), result["n_iter"]
     assert result["refit"] == "train"
 
 
@@ -122,7 +124,7 @@ def test_linear_probe_refit_on_train_plus_val(rng):
         splits.append((x, y))
     result = ev.linear_probe(*splits, refit="train+val", l2_grid=(1e-2, 1e-3))
     assert result["refit"] == "train+val"
-    assert "refit" in result["n_iter"]
+    assert "tested" in result["n_iter"] and result["converged"]
     assert result["C"] == pytest.approx(1.0 / (result["l2"] * 300))
     assert result["top1"] >= 0.99
 

@@ -51,7 +51,9 @@ def make_feature_fn(encoder):
     return features
 
 
-def _as_labels(labels):
+def as_labels(labels):
+    """Labels as a vector of class ids: accepts a vector, an [N, 1] column or one-hot rows
+    (reduced by argmax)."""
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
@@ -120,15 +122,20 @@ def extract_features(encoder, data, batch_size=512, feature_fn=None):
             labels.append(np.asarray(batch_labels))
     if not features:
         raise ValueError("data is empty: no batches to extract features from")
-    labels = _as_labels(np.concatenate(labels)) if labels else None
+    labels = as_labels(np.concatenate(labels)) if labels else None
     return np.concatenate(features).astype(np.float32, copy=False), labels
 
 
-def _check_split(split, name):
+def check_split(split, name):
+    """A ``(features [N, D], labels)`` tuple as (float32 features, label vector), checked.
+
+    ``name`` names the split in the error (e.g. "train"). Raises ValueError for a non-tuple,
+    non-2-D features, or a row/label count mismatch or empty split.
+    """
     if not isinstance(split, (tuple, list)) or len(split) != 2:
         raise ValueError(f"{name} must be a (features, labels) tuple; got {type(split).__name__}")
     x = np.asarray(split[0], dtype=np.float32)
-    y = _as_labels(split[1])
+    y = as_labels(split[1])
     if x.ndim != 2:
         raise ValueError(f"{name} features must be 2-D [N, D]; got shape {x.shape}")
     if len(x) != len(y) or len(x) == 0:
@@ -136,5 +143,6 @@ def _check_split(split, name):
     return x, y
 
 
-def _accuracy(predictions, labels):
+def accuracy(predictions, labels):
+    """Top-1 accuracy: the fraction of ``predictions`` equal to ``labels`` (a float)."""
     return float(np.mean(predictions == labels))

@@ -1,7 +1,8 @@
 """Weighted kNN (Wu et al. 2018, InstDisc; the DINO evaluation): cosine, k = 200, weights exp(sim / T)."""
 import numpy as np
+import tensorflow as tf
 
-from keras_ncssl.evaluation.features import _accuracy, _as_labels, _check_split
+from keras_ncssl.evaluation.features import accuracy, as_labels, check_split
 
 
 def _l2_normalize(x):
@@ -11,11 +12,11 @@ def _l2_normalize(x):
 
 
 def knn_predict(bank_features, bank_labels, query_features, *, k=200, temperature=0.1,
-                batch_size=256):
+                batch_size=512):
     """Weighted kNN labels (InstDisc / DINO): cosine top-k, votes weighted by exp(sim / T).
 
     Queries are processed in batches of ``batch_size`` against the whole bank with one
-    matrix multiply each (a [batch, N_bank] float32 block: 61 MB for 256 x 60k), so memory
+    matrix multiply each (a [batch, N_bank] float32 block: 123 MB for 512 x 60k), so memory
     stays bounded for 60k x 10k. ``k`` is capped at the bank size. Weights use
     exp((sim - max sim) / T), which rescales each query's votes by a constant and so leaves
     the prediction unchanged while avoiding overflow for small T.
@@ -28,7 +29,7 @@ def knn_predict(bank_features, bank_labels, query_features, *, k=200, temperatur
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     bank = _l2_normalize(bank_features)
     queries = _l2_normalize(query_features)
-    bank_labels = _as_labels(bank_labels)
+    bank_labels = as_labels(bank_labels)
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(f"bank and query features must be [N, D] with the same D; got "
                          f"{bank.shape} and {queries.shape}")
@@ -38,26 +39,30 @@ def knn_predict(bank_features, bank_labels, query_features, *, k=200, temperatur
     classes, bank_ids = np.unique(bank_labels, return_inverse=True)
     num_classes = len(classes)
     k = min(int(k), len(bank))
+    bank_tensor = tf.constant(bank)
     predictions = np.empty(len(queries), dtype=np.int64)
     for start in range(0, len(queries), batch_size):
-        sim = queries[start:start + batch_size] @ bank.T
-        if k < len(bank):
-            neighbours = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        else:
-            neighbours = np.broadcast_to(np.arange(len(bank)), sim.shape)
-        top = np.take_along_axis(sim, neighbours, axis=1).astype(np.float64)
+        # TensorFlow's matmul + top_k: about 3x numpy's matmul + argpartition on 2 cores
+        # (BUILD_NOTES "Fast, converged evaluation"); only the [batch, k] result comes back.
+        top, neighbours = _top_k(tf.constant(queries[start:start + batch_size]), bank_tensor, k)
+        top, neighbours = top.numpy().astype(np.float64), neighbours.numpy()
         weights = np.exp((top - top.max(axis=1, keepdims=True)) / temperature)
-        rows = np.arange(len(sim))[:, None]
+        rows = np.arange(len(top))[:, None]
         votes = np.bincount((rows * num_classes + bank_ids[neighbours]).ravel(),
-                            weights=weights.ravel(), minlength=len(sim) * num_classes)
-        predictions[start:start + len(sim)] = votes.reshape(len(sim), num_classes).argmax(1)
+                            weights=weights.ravel(), minlength=len(top) * num_classes)
+        predictions[start:start + len(top)] = votes.reshape(len(top), num_classes).argmax(1)
     return classes[predictions]
 
 
-def knn_top1(bank, query, *, k=200, temperature=0.1, batch_size=256):
+@tf.function(reduce_retracing=True)
+def _top_k(queries, bank, k):
+    return tf.math.top_k(tf.matmul(queries, bank, transpose_b=True), k=k, sorted=False)
+
+
+def knn_top1(bank, query, *, k=200, temperature=0.1, batch_size=512):
     """Top-1 accuracy of :func:`knn_predict`; ``bank`` and ``query`` are (features, labels)."""
-    x_bank, y_bank = _check_split(bank, "bank")
-    x_query, y_query = _check_split(query, "query")
+    x_bank, y_bank = check_split(bank, "bank")
+    x_query, y_query = check_split(query, "query")
     predictions = knn_predict(x_bank, y_bank, x_query, k=k, temperature=temperature,
                               batch_size=batch_size)
-    return _accuracy(predictions, y_query)
+    return accuracy(predictions, y_query)

@@ -2,7 +2,7 @@
 import keras
 import numpy as np
 
-from keras_ncssl.evaluation.features import _as_labels, extract_features, make_feature_fn, resolve_encoder
+from keras_ncssl.evaluation.features import as_labels, extract_features, make_feature_fn, resolve_encoder
 from keras_ncssl.evaluation.knn import knn_top1
 
 
@@ -39,9 +39,9 @@ class KNNMonitor(keras.callbacks.Callback):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive; got {temperature!r}")
         self.bank_images = np.asarray(bank_images, dtype=np.float32)
-        self.bank_labels = _as_labels(bank_labels)
+        self.bank_labels = as_labels(bank_labels)
         self.query_images = np.asarray(query_images, dtype=np.float32)
-        self.query_labels = _as_labels(query_labels)
+        self.query_labels = as_labels(query_labels)
         for what, images, labels in (("bank", self.bank_images, self.bank_labels),
                                      ("query", self.query_images, self.query_labels)):
             if len(images) != len(labels) or len(images) == 0:

@@ -3,14 +3,14 @@ import time
 
 import keras
 
-from keras_ncssl.evaluation.features import _check_split, extract_features, make_feature_fn, resolve_encoder
+from keras_ncssl.evaluation.features import check_split, extract_features, make_feature_fn, resolve_encoder
 from keras_ncssl.evaluation.few_label import FEW_LABEL_L2_GRID, few_label_probe
 from keras_ncssl.evaluation.knn import knn_top1
-from keras_ncssl.evaluation.probe import DEFAULT_L2_GRID, linear_probe
+from keras_ncssl.evaluation.probe import DEFAULT_L2_GRID, DEFAULT_MAX_ITER, DEFAULT_TOL, linear_probe
 
 
 def evaluate_features(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train",
-                      max_iter=200, knn_k=200, knn_temperature=0.1, few_label_n=10,
+                      max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, knn_k=200, knn_temperature=0.1, few_label_n=10,
                       few_label_seeds=(0, 1, 2, 3, 4), few_label_l2_grid=FEW_LABEL_L2_GRID):
     """Linear probe, kNN (bank = training split, queries = test split) and few-label probe.
 
@@ -19,12 +19,13 @@ def evaluate_features(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train
     ``few_label_n=None`` skips the few-label probe (its keys are then None). Returns a flat,
     JSON-serialisable dict (``linear_probe_val_top1`` has float keys, written as strings).
     """
-    x_train, y_train = _check_split(train, "train")
+    x_train, y_train = check_split(train, "train")
     train = (x_train, y_train)
     timings = {}
 
     start = time.perf_counter()
-    probe = linear_probe(train, val, test, l2_grid=l2_grid, refit=refit, max_iter=max_iter)
+    probe = linear_probe(train, val, test, l2_grid=l2_grid, refit=refit, max_iter=max_iter,
+                         tol=tol)
     timings["linear_probe"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -36,7 +37,7 @@ def evaluate_features(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train
         start = time.perf_counter()
         few = few_label_probe(train, val, test, n_per_class=few_label_n,
                               seeds=few_label_seeds, l2_grid=few_label_l2_grid,
-                              max_iter=max_iter)
+                              max_iter=max_iter, tol=tol)
         timings["few_label"] = time.perf_counter() - start
 
     return {
@@ -45,6 +46,9 @@ def evaluate_features(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train
         "linear_probe_val_top1": probe["val_top1"],
         "linear_probe_train_top1": probe["train_top1"],
         "linear_probe_converged": probe["converged"],
+        "linear_probe_tol": probe["tol"],
+        "linear_probe_gradient_max": probe["gradient_max"],
+        "linear_probe_n_iter": probe["n_iter"],
         "linear_probe_refit": refit,
         "knn_top1": knn,
         "knn_k": int(knn_k),
@@ -54,6 +58,7 @@ def evaluate_features(train, val, test, *, l2_grid=DEFAULT_L2_GRID, refit="train
         "few_label_top1_std": None if few is None else few["std"],
         "few_label_top1_per_draw": None if few is None else few["per_draw"],
         "few_label_l2_per_draw": None if few is None else few["l2_per_draw"],
+        "few_label_converged": None if few is None else few["converged"],
         "feature_dim": int(x_train.shape[1]),
         "n_train": len(y_train),
         "n_val": len(val[1]),
