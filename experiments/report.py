@@ -72,12 +72,22 @@ def plot_spectrum(spectrum, path):
     plt.close(fig)
 
 
+def _percent(value, sign=""):
+    """A fraction as points (``sign="+"``: signed), or "–" when not measured (e.g. the streaming
+    probe skips kNN and the few-label probe)."""
+    return "–" if value is None else f"{100 * value:{sign}.2f}"
+
+
+def _difference(a, b):
+    return None if a is None or b is None else a - b
+
+
 def _row(name, result):
     if not result:
         return f"| {name} | – | – | – |"
     few = result.get("few_label_top1_mean")
     few_text = "–" if few is None else f"{100 * few:.2f} ± {100 * (result.get('few_label_top1_std') or 0):.2f}"
-    return (f"| {name} | {100 * result['linear_probe_top1']:.2f} | {100 * result['knn_top1']:.2f} | "
+    return (f"| {name} | {_percent(result.get('linear_probe_top1'))} | {_percent(result.get('knn_top1'))} | "
             f"{few_text} |")
 
 
@@ -98,9 +108,8 @@ def write(config):
         "few_label_n_per_class": trained.get("few_label_n_per_class"),
         "baselines": {k: evaluation.get(k) for k in BASELINES if k in evaluation},
         "gain_over_random_init": (
-            {"linear_probe": trained["linear_probe_top1"] - evaluation["random_init"]["linear_probe_top1"],
-             "few_label": (trained["few_label_top1_mean"] or 0) - (evaluation["random_init"]["few_label_top1_mean"] or 0),
-             "knn": trained["knn_top1"] - evaluation["random_init"]["knn_top1"]}
+            {key: _difference(trained.get(name), evaluation["random_init"].get(name))
+             for key, name in (("linear_probe", LINEAR_PROBE), ("few_label", FEW_LABEL), ("knn", KNN))}
             if trained and "random_init" in evaluation else None),
         "protocol": evaluation.get("protocol"),
         "epochs": pretrain.get("epochs"),
@@ -130,8 +139,8 @@ def write(config):
                   f"Protocol: {evaluation.get('protocol')}.", ""]
         if report["gain_over_random_init"]:
             gain = report["gain_over_random_init"]
-            lines += [f"Self-supervision bought {100 * gain['linear_probe']:+.2f} points of linear probe, "
-                      f"{100 * gain['few_label']:+.2f} few-label and {100 * gain['knn']:+.2f} kNN over the "
+            lines += [f"Self-supervision bought {_percent(gain['linear_probe'], '+')} points of linear probe, "
+                      f"{_percent(gain['few_label'], '+')} few-label and {_percent(gain['knn'], '+')} kNN over the "
                       "untrained encoder of this run (one seed: compare across seeds before concluding).", ""]
     if pretrain:
         lines += ["## Training", "", f"Train time {pretrain['train_seconds']:.0f} s, "

@@ -76,7 +76,7 @@ def preflight(config):
     """
     mode = config["mode"]
     training = mode in ("all", "pretrain")
-    prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None)
+    prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None, precision="none")
     # Thread pools first: TensorFlow fixes them when it runs its first op.
     _config_errors(f"--threads={config['threads']}", lambda: runtime.set_threads(*threads_for(config)))
     if training:

@@ -23,6 +23,12 @@ def test_features_over_the_budget_stream_and_under_it_stay_in_memory(tmp_path):
         assert 0.0 <= results[name]["linear_probe_top1"] <= 1.0
         assert results[name]["knn_top1"] is None
     assert "raw_pixels" not in results
+    run(workdir, "--mode=report", "--probe_memory_budget_mb=0.1", *FLAGS)  # kNN / few-label shown as not measured
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["gain_over_random_init"]["knn"] is None
+    assert report["gain_over_random_init"]["linear_probe"] == pytest.approx(
+        results["trained"]["linear_probe_top1"] - results["random_init"]["linear_probe_top1"])
+    assert "| – | – |" in (workdir / "report.md").read_text()
     # The default budget holds them: the in-memory probe, converged, with kNN.
     run(workdir, "--mode=eval", *FLAGS)
     results = json.loads((workdir / "eval.json").read_text())
