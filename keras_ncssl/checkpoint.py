@@ -82,7 +82,9 @@ class TrainingCheckpoint:
             try:
                 with open(self._records_path(prefix)) as handle:
                     side = json.load(handle)
-                self.checkpoint.read(prefix).assert_existing_objects_matched()
+                status = self.checkpoint.read(prefix)
+                status.assert_existing_objects_matched()  # every object of ours was in the file
+                status.expect_partial()  # the file's save_counter is not restored: no warning at exit
             except Exception as error:  # a truncated or corrupt file raises many types
                 errors.append(f"{prefix}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 warnings.warn(f"checkpoint {prefix} could not be restored ({errors[-1]}); "
