@@ -78,7 +78,13 @@ def preflight(config):
     training = mode in ("all", "pretrain")
     prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None, precision="none")
     # Thread pools first: TensorFlow fixes them when it runs its first op.
-    _config_errors(f"--threads={config['threads']}", lambda: runtime.set_threads(*threads_for(config)))
+    if config["threads"] == "auto":  # a preference: where TensorFlow already runs (in-process use), keep its pools
+        try:
+            runtime.set_threads(*threads_for(config))
+        except RuntimeError:
+            pass
+    else:
+        _config_errors(f"--threads={config['threads']}", lambda: runtime.set_threads(*threads_for(config)))
     if training:
         prepared.strategy = _config_errors(f"--strategy={config['strategy']}", lambda: get_strategy(config))
     if mode == "report":

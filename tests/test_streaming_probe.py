@@ -30,8 +30,11 @@ def _flatten_encoder():
 def test_streaming_probe_matches_in_memory_probe_on_digits(replicas):
     splits = _digits()
     in_memory = ev.linear_probe(*[(x.reshape(len(x), -1), y) for x, y in splits], l2_grid=GRID)
-    strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if replicas == 2
-                else tf.distribute.get_strategy())
+    # Reduction to one device, not collectives: collective instance keys are per process and
+    # other multi-replica tests in this process would otherwise clash with this strategy's.
+    strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
+                if replicas == 2 else tf.distribute.get_strategy())
     with strategy.scope():
         encoder = _flatten_encoder()
     datasets = [tf.data.Dataset.from_tensor_slices(split).batch(100) for split in splits]
