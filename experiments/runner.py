@@ -76,7 +76,7 @@ def preflight(config):
     """
     mode = config["mode"]
     training = mode in ("all", "pretrain")
-    prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None, precision="none")
+    prepared = types.SimpleNamespace(strategy=None, splits=None, model=None, trained_step=None)
     # Thread pools first: TensorFlow fixes them when it runs its first op.
     if config["threads"] == "auto":  # a preference: where TensorFlow already runs (in-process use), keep its pools
         try:
@@ -160,8 +160,6 @@ def run(config):
         steps = steps_per_epoch(config, splits, prepared.strategy.num_replicas_in_sync)
         total = steps * config.optimisation.epochs
         prepared.trained_step = {"step": total, "total_steps": total, "complete": True}
-    if prepared.precision != "none":  # evaluation and export compute in float32 (encoders.float32_copy)
-        keras.config.set_dtype_policy("float32")
     if mode in ("all", "eval"):
         evaluate(config, model, splits, prepared.trained_step)
     if mode in ("all", "export"):

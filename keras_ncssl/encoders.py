@@ -28,7 +28,7 @@ from keras import layers
 
 from keras_ncssl.normalization import FusedBatchNormalization
 
-__all__ = ["ENCODERS", "computes_in_float32", "float32_copy", "get_encoder", "resnet", "resnet18",
+__all__ = ["ENCODERS", "all_layers", "computes_in_float32", "float32_copy", "get_encoder", "resnet", "resnet18",
            "resnet34", "resnet50", "small_cnn", "RESNET_STEMS", "conv_kernel_initializer"]
 
 RESNET_STEMS = ("cifar", "imagenet")
@@ -274,14 +274,17 @@ def get_encoder(name, input_shape, **options):
     return builder(input_shape, **options)
 
 
+def all_layers(model):
+    """Every layer of ``model``, the layers of nested models included (depth first)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
 def computes_in_float32(encoder):
     """True when every layer of ``encoder`` (nested models included) computes in float32."""
-    def layers_of(model):
-        for layer in model.layers:
-            yield layer
-            if isinstance(layer, keras.Model):
-                yield from layers_of(layer)
-    return all(layer.compute_dtype == "float32" for layer in layers_of(encoder))
+    return all(layer.compute_dtype == "float32" for layer in all_layers(encoder))
 
 
 def float32_copy(encoder):

@@ -12,6 +12,7 @@ import zipfile
 
 import keras
 
+from keras_ncssl.encoders import all_layers
 from keras_ncssl.normalization import FusedBatchNormalization
 
 # Library layers and the built-in Keras layer with the same config, weights and inference math.
@@ -26,17 +27,10 @@ def _is_builtin(cls):
     return cls.__module__.split(".")[0] == "keras"
 
 
-def _layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
-
-
 def to_plain_keras(encoder):
     """A copy of `encoder` made of built-in Keras layers only, with identical weights."""
     custom = sorted({f"{type(layer).__module__}.{type(layer).__name__}"
-                     for layer in _layers(encoder) if not _is_builtin(type(layer))
+                     for layer in all_layers(encoder) if not _is_builtin(type(layer))
                      and type(layer) not in PLAIN_EQUIVALENTS and not isinstance(
                          layer, keras.Model)})
     if custom:
