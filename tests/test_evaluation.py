@@ -176,6 +176,30 @@ def test_knn_matches_brute_force(rng, k, temperature):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_knn_query_blocks_give_the_same_neighbours(rng, monkeypatch):
+    """Query blocks (side by side on the inter-op pool under one intra-op thread) change only the
+    schedule: the brute-force predictions, for batches that split evenly, unevenly and not at all."""
+    from keras_ncssl.evaluation import knn
+    monkeypatch.setattr(knn, "block_count", lambda rows, min_rows: min(3, rows))
+    bank = rng.normal(size=(300, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 300)
+    queries = rng.normal(size=(101, 8)).astype(np.float32)
+    got = ev.knn_predict(bank, labels, queries, k=15, temperature=0.1, batch_size=50)
+    np.testing.assert_array_equal(got, _brute_force_knn(bank, labels, queries, 15, 0.1))
+
+
+def test_block_count_follows_the_intra_op_pool(monkeypatch):
+    from keras_ncssl.evaluation import blocks
+    monkeypatch.setattr(blocks.os, "cpu_count", lambda: 8)
+    for intra_op, rows, want in [(0, 10**6, 1), (1, 10**6, 8), (2, 10**6, 4), (1, 3 * 4096, 3), (1, 10, 1)]:
+        monkeypatch.setattr(blocks.tf.config.threading, "get_intra_op_parallelism_threads",
+                            lambda: intra_op)
+        assert blocks.block_count(rows, min_rows=4096) == want, (intra_op, rows)
+    parts = blocks.split_rows(np.arange(10).reshape(5, 2), 3)
+    assert [len(p) for p in parts] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(parts), np.arange(10).reshape(5, 2))
+
+
 def test_knn_top1_on_clusters_and_bad_options(rng):
     x, y, centres = _clusters(rng, 400)
     xq, yq, _ = _clusters(rng, 100, centres=centres)
@@ -257,6 +281,18 @@ def test_extract_features_is_frozen_and_input_agnostic(rng):
 
     no_labels, none = ev.extract_features(encoder, images)
     assert none is None and no_labels.shape == (23, 5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 23])
+def test_feature_blocks_match_one_call(rng, rows):
+    """Row blocks (separate encoder calls in one graph) give each row's own features, also for
+    batches with fewer rows than blocks (padded, the padding dropped)."""
+    encoder = _bn_encoder(rng)
+    images = rng.normal(size=(rows, 6, 6, 1)).astype(np.float32)
+    want = encoder(images, training=False).numpy()
+    got = ev.make_feature_fn(encoder, blocks=3)(tf.constant(images)).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_extract_features_resolves_model_encoder_and_rejects_unpooled(rng):

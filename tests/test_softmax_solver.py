@@ -39,11 +39,13 @@ def _sklearn(x, y, l2):
     return clf
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_loss_and_gradient_match_float64_reference_and_finite_differences(rng, dtype):
+def test_loss_and_gradient_match_float64_reference_and_finite_differences(rng, dtype, blocks):
     x, y = _ill_conditioned(rng, 500)
     weights, bias, l2 = rng.normal(size=(30, 4)) * 0.3, rng.normal(size=4), 1e-2
-    objective = SoftmaxObjective(x, y, 4, dtype=dtype)
+    objective = SoftmaxObjective(x, y, 4, dtype=dtype, blocks=blocks)
+    assert len(objective.x) == blocks
     loss, grad_w, grad_b = objective.evaluate(weights, bias, l2)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     assert loss == pytest.approx(_reference_loss(x, y, weights, bias, l2), rel=tolerance)
@@ -140,3 +142,40 @@ def test_linear_probe_on_digits_agrees_with_sklearn_and_reports_convergence():
     # The tested model, solved on to 1e-5: the same test accuracy to 0.1 points.
     test_top1 = np.mean(reference[result["l2"]].predict(standardize(test[0])) == test[1])
     assert abs(result["top1"] - test_top1) <= 1e-3
+
+
+def test_row_blocks_give_the_class_covariance_and_spectrum_of_the_whole_matrix(rng):
+    """The K-FAC factors summed over row blocks (side by side on the inter-op pool) are those
+    of the whole matrix, against float64 numpy."""
+    x, y = _ill_conditioned(rng, 301)
+    weights, bias = rng.normal(size=(30, 4)) * 0.3, rng.normal(size=4)
+    logits = x @ weights + bias
+    prob = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+    want_a = (np.diag(prob.sum(0)) - prob.T @ prob) / len(x)
+    want_s = np.linalg.eigvalsh(x.T @ x / len(x))
+    for blocks in (1, 4):
+        objective = SoftmaxObjective(x, y, 4, dtype=np.float64, blocks=blocks)
+        np.testing.assert_allclose(objective.class_covariance(weights, bias), want_a, atol=1e-12)
+        np.testing.assert_allclose(objective.spectrum()[0], want_s, rtol=1e-9, atol=1e-12)
+
+
+def test_solver_runs_numpy_blas_on_one_thread(rng):
+    """Multithreaded BLAS between TensorFlow's products steals the cores from them (its threads
+    spin after each call); the solver limits it to one thread while it runs, and only then."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, y = _ill_conditioned(rng, 200)
+    objective = SoftmaxObjective(x, y, 4)
+    seen = []
+    evaluate = objective.evaluate
+
+    def spy(*args):
+        seen.append({d["num_threads"] for d in threadpoolctl.threadpool_info()
+                     if d["user_api"] == "blas"})
+        return evaluate(*args)
+
+    objective.evaluate = spy
+    before = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+    minimize_softmax(objective, np.zeros((30, 4)), np.zeros(4), 1e-2, tol=1e-6, max_iter=50)
+    assert seen and all(threads == {1} for threads in seen)
+    assert [d["num_threads"] for d in threadpoolctl.threadpool_info()
+            if d["user_api"] == "blas"] == before

@@ -5,6 +5,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ncssl.evaluation.blocks import block_count
+
 
 def resolve_encoder(model_or_encoder):
     """The encoder of a BYOL/SimSiam model (anything with ``.encoder``), or the argument itself.
@@ -32,21 +34,41 @@ def _accepts_training(fn):
     return any(p.name == "training" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def make_feature_fn(encoder):
+def make_feature_fn(encoder, blocks=None):
     """A compiled ``images -> float32 features`` function calling ``encoder`` in inference mode.
 
     Built once and reused (e.g. by :class:`KNNMonitor` every epoch) so the encoder is traced
     once per input shape rather than once per call. ``reduce_retracing`` stops a last,
     smaller batch from adding a second trace per epoch.
+
+    ``blocks``: the batch is split into this many row blocks, each a separate encoder call in
+    the same graph, so that they run side by side where ops get one intra-op thread each
+    (:mod:`keras_ncssl.evaluation.blocks`; None picks the count from the thread pools). In
+    inference mode every row's features depend on that row alone, so blocks change nothing
+    but the schedule.
     """
     encoder = resolve_encoder(encoder)
     pass_training = _accepts_training(encoder)
+    blocks = block_count(1 << 30) if blocks is None else int(blocks)
 
-    @tf.function(reduce_retracing=True)
-    def features(images):
+    def call(images):
         out = encoder(images, training=False) if pass_training else encoder(images)
         # Mixed-precision encoders return float16; probes and kNN work in float32.
         return tf.cast(out, tf.float32)
+
+    @tf.function(reduce_retracing=True)
+    def features(images):
+        if blocks == 1 or images.shape.rank is None:
+            return call(images)
+        rows = tf.shape(images)[0]
+        # Padding with zero rows up to `blocks` keeps every block non-empty (an encoder
+        # need not accept an empty batch); the padded rows' features are dropped.
+        extra = tf.maximum(blocks - rows, 0)
+        padded = tf.pad(images, [[0, extra]] + [[0, 0]] * (images.shape.rank - 1))
+        total = rows + extra
+        bounds = [total * i // blocks for i in range(blocks + 1)]
+        parts = [call(padded[bounds[i]:bounds[i + 1]]) for i in range(blocks)]
+        return tf.concat(parts, 0)[:rows]
 
     return features
 

@@ -10,9 +10,9 @@ regularised objective over the weights and the bias, at the returned point. This
 quantity scikit-learn's lbfgs stops on (its ``tol``, default 1e-4, on the same mean loss).
 
 Each evaluation is two products of the [N, D] features with [D, K] matrices (TensorFlow, all
-cores), in float32 for large problems (over ``FLOAT64_MAX_ENTRIES`` feature entries, where
-they are most of the time; float32 products keep the gradient's rounding near 1e-7 of its
-scale, far below the tolerances used) and in float64 otherwise; the softmax, the loss and
+cores: in row blocks where ops get one intra-op thread each), in float32 for large problems
+(over ``FLOAT64_MAX_ENTRIES`` feature entries, where they are most of the time; float32
+products keep the gradient's rounding near 1e-7 of its scale, far below the tolerances used) and in float64 otherwise; the softmax, the loss and
 the [N, K] residuals are always float64.
 
 Preconditioning is what keeps the iteration count down on raw pixels, whose feature
@@ -30,39 +30,47 @@ the starting point of each solve (warm starts along the L2 path make it a good o
 import numpy as np
 import tensorflow as tf
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
+
+from keras_ncssl.evaluation.blocks import block_count, split_rows
 
 
 # Feature matrices up to this many entries (32 MB in float64) are kept in float64.
 FLOAT64_MAX_ENTRIES = 1 << 22
+# Fewer rows than this per block cost more in dispatch than they gain side by side.
+MIN_BLOCK_ROWS = 4096
 
 
 class SoftmaxObjective:
     """f and its gradient on fixed features. ``features`` [N, D], ``class_ids`` [N] in
     0..num_classes-1; ``dtype`` of the products: None picks float64 up to
-    ``FLOAT64_MAX_ENTRIES`` feature entries, float32 above.
+    ``FLOAT64_MAX_ENTRIES`` feature entries, float32 above. ``blocks``: row blocks of the
+    products (:mod:`keras_ncssl.evaluation.blocks`; None picks them from the thread pools).
 
     The passes are TensorFlow ops (one compiled function for all objectives): on 2 cores
     2.6x numpy's per evaluation on Fashion-MNIST pixels, whose elementwise float64 softmax
     numpy runs on one core.
     """
 
-    def __init__(self, features, class_ids, num_classes, dtype=None):
+    def __init__(self, features, class_ids, num_classes, dtype=None, blocks=None):
         features = np.asarray(features)
         if dtype is None:
             dtype = np.float64 if features.size <= FLOAT64_MAX_ENTRIES else np.float32
         self.dtype = np.dtype(dtype)
-        self.x = tf.constant(features, dtype=self.dtype)
         self.shape = tuple(features.shape)
         self.num_classes = int(num_classes)
-        self.onehot = tf.one_hot(np.asarray(class_ids, dtype=np.int64), self.num_classes,
-                                 dtype=tf.float64)
+        # Row blocks: side by side on the inter-op pool where ops get one intra-op thread each.
+        blocks = block_count(len(features), MIN_BLOCK_ROWS) if blocks is None else int(blocks)
+        self.x = tuple(tf.constant(block, dtype=self.dtype) for block in split_rows(features, blocks))
+        onehot = np.eye(self.num_classes)[np.asarray(class_ids, dtype=np.int64)]
+        self.onehot = tuple(tf.constant(block, tf.float64) for block in split_rows(onehot, blocks))
         self.evaluations = 0
         self._spectrum = None
 
     def promote(self):
         """Switches the products to float64 (for the rest of this objective's life)."""
         self.dtype = np.dtype(np.float64)
-        self.x = tf.cast(self.x, tf.float64)
+        self.x = tuple(tf.cast(block, tf.float64) for block in self.x)
 
     def evaluate(self, weights, bias, l2):
         """(loss, grad_weights [D, K], grad_bias [K]) at (weights, bias), float64 numpy."""
@@ -85,10 +93,10 @@ class SoftmaxObjective:
         if self._spectrum is None:
             n, dim = self.shape
             if n >= dim:
-                gram = tf.matmul(self.x, self.x, transpose_a=True).numpy().astype(np.float64)
+                gram = _gram(self.x).numpy().astype(np.float64)
                 eigvals, eigvecs = np.linalg.eigh(gram / n)
             else:
-                x = self.x.numpy().astype(np.float64)
+                x = np.concatenate([block.numpy() for block in self.x]).astype(np.float64)
                 eigvals, u = np.linalg.eigh(x @ x.T / n)
                 keep = eigvals > 1e-10 * max(float(eigvals.max()), 1e-300)
                 eigvals, u = eigvals[keep], u[:, keep]
@@ -101,25 +109,38 @@ def _logits(x, weights, bias):
     return tf.cast(tf.matmul(x, tf.cast(weights, x.dtype)), tf.float64) + bias
 
 
-@tf.function(reduce_retracing=True)
-def _loss_and_gradient(x, onehot, weights, bias, l2):
-    n = tf.cast(tf.shape(x)[0], tf.float64)
-    logits = _logits(x, weights, bias)
-    log_partition = tf.reduce_logsumexp(logits, axis=1)
-    loss = (tf.reduce_sum(log_partition - tf.reduce_sum(logits * onehot, axis=1)) / n
-            + 0.5 * l2 * tf.reduce_sum(weights * weights))
-    residual = tf.exp(logits - log_partition[:, None]) - onehot  # P - Y
-    grad_w = tf.cast(tf.matmul(x, tf.cast(residual, x.dtype), transpose_a=True),
-                     tf.float64) / n + l2 * weights
-    return loss, grad_w, tf.reduce_sum(residual, axis=0) / n
+def _rows(blocks):
+    return tf.cast(tf.add_n([tf.shape(x)[0] for x in blocks]), tf.float64)
 
 
 @tf.function(reduce_retracing=True)
-def _class_covariance(x, weights, bias):
-    prob = tf.nn.softmax(_logits(x, weights, bias), axis=1)
-    n = tf.cast(tf.shape(x)[0], tf.float64)
-    return (tf.linalg.diag(tf.reduce_sum(prob, axis=0))
-            - tf.matmul(prob, prob, transpose_a=True)) / n
+def _loss_and_gradient(x_blocks, onehot_blocks, weights, bias, l2):
+    """The sums over rows are per row block (independent ops), added in block order."""
+    n = _rows(x_blocks)
+    losses, grads_w, grads_b = [], [], []
+    for x, onehot in zip(x_blocks, onehot_blocks):
+        logits = _logits(x, weights, bias)
+        log_partition = tf.reduce_logsumexp(logits, axis=1)
+        losses.append(tf.reduce_sum(log_partition - tf.reduce_sum(logits * onehot, axis=1)))
+        residual = tf.exp(logits - log_partition[:, None]) - onehot  # P - Y
+        grads_w.append(tf.cast(tf.matmul(x, tf.cast(residual, x.dtype), transpose_a=True), tf.float64))
+        grads_b.append(tf.reduce_sum(residual, axis=0))
+    loss = tf.add_n(losses) / n + 0.5 * l2 * tf.reduce_sum(weights * weights)
+    return loss, tf.add_n(grads_w) / n + l2 * weights, tf.add_n(grads_b) / n
+
+
+@tf.function(reduce_retracing=True)
+def _class_covariance(x_blocks, weights, bias):
+    parts = []
+    for x in x_blocks:
+        prob = tf.nn.softmax(_logits(x, weights, bias), axis=1)
+        parts.append(tf.linalg.diag(tf.reduce_sum(prob, axis=0)) - tf.matmul(prob, prob, transpose_a=True))
+    return tf.add_n(parts) / _rows(x_blocks)
+
+
+@tf.function(reduce_retracing=True)
+def _gram(x_blocks):
+    return tf.add_n([tf.matmul(x, x, transpose_a=True) for x in x_blocks])
 
 
 class KroneckerPreconditioner:
@@ -177,6 +198,14 @@ def minimize_softmax(objective, weights, bias, l2, *, tol, max_iter):
     (gradient_max <= tol), ``status``, ``dtype`` (of the products at the end: a float32
     objective whose line search stalls on rounding is promoted to float64 and continues).
     """
+    # Between TensorFlow's products the solver's numpy work is on [D, K] matrices. Multithreaded
+    # BLAS gains nothing there, and its threads spin after each call, taking the cores from
+    # TensorFlow's next product: 1.7x slower per evaluation on 2 cores (BUILD_NOTES).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _minimize_softmax(objective, weights, bias, l2, tol=tol, max_iter=max_iter)
+
+
+def _minimize_softmax(objective, weights, bias, l2, *, tol, max_iter):
     weights = np.array(weights, dtype=np.float64)
     bias = np.array(bias, dtype=np.float64)
     evaluations_before = objective.evaluations
