@@ -7,6 +7,7 @@ prints one JSON line per measurement. Performance goals are checked here, never 
     python experiments/bench.py train_step --encoder=resnet18 --image_size=32 --batch_size=128 --predictor=directpred
     python experiments/bench.py input --dataset=fashion_mnist --preset=grayscale
     python experiments/bench.py evaluation --flagfile=experiments/quick.flags --workdir=runs/quick
+    python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=5
 """
 import importlib
 import pkgutil

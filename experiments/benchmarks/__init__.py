@@ -15,3 +15,23 @@ def parse_flags(flag_values, prog, argv, doc):
     except flags.Error as error:
         sys.exit(f"{prog}: error: {error}")
     return flag_values
+
+
+def prepare_run(name, argv, **replace):
+    """The runner's flags (absl FLAGS, a flagfile included) -> (config, prepared): the config with
+    ``replace`` applied and ``runner.preflight`` done, so a benchmark times exactly the run's own
+    set-up (precision, threads, strategy, model). A bad flag exits with the runner's one-line error."""
+    import os
+
+    import runner_flags
+    flags.FLAGS([f"bench.py {name}", *runner_flags.resolve_flagfile_arguments(argv)])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        config = runner_flags.resolved(flags.FLAGS).replace(**replace)
+        import runner
+        prepared = runner.preflight(config)
+        if config["mode"] == "eval":
+            prepared.trained_step = runner.restore_for_eval(config, prepared.splits, prepared.model)
+    except runner_flags.ConfigError as error:
+        sys.exit(f"bench.py {name}: error: {error}")
+    return config, prepared

@@ -11,28 +11,16 @@ the wall seconds, each encoder's seconds per part, accuracies and convergence.
     python experiments/bench.py evaluation --flagfile=experiments/quick.flags --workdir=/tmp/quick1
 """
 import json
-import os
-import sys
 import tempfile
 import time
 
-from absl import flags
-
-import runner_flags
-
-FLAGS = flags.FLAGS
+from benchmarks import prepare_run
 
 
 def main(argv):
-    FLAGS(["bench.py evaluation", *runner_flags.resolve_flagfile_arguments(argv)])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        config = runner_flags.resolved(FLAGS).replace(mode="eval", allow_partial=True)
-        import runner
-        prepared = runner.preflight(config)
-        trained_step = runner.restore_for_eval(config, prepared.splits, prepared.model)
-    except runner_flags.ConfigError as error:
-        sys.exit(f"bench.py evaluation: error: {error}")
+    config, prepared = prepare_run("evaluation", argv, mode="eval", allow_partial=True)
+    trained_step = prepared.trained_step
+    import runner
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         results = runner.evaluate(config.replace(workdir=scratch), prepared.model, prepared.splits,

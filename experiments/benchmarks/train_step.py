@@ -17,7 +17,7 @@ import time
 
 from absl import flags
 
-import runner_flags
+from benchmarks import prepare_run
 
 flags.DEFINE_integer("steps", 8, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, allocation).")
@@ -27,15 +27,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    FLAGS(["bench.py train_step", *runner_flags.resolve_flagfile_arguments(argv)])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        config = runner_flags.resolved(FLAGS).replace(mode="pretrain")
-        import builders
-        import runner
-        prepared = runner.preflight(config)
-    except runner_flags.ConfigError as error:
-        sys.exit(f"bench.py train_step: error: {error}")
+    config, prepared = prepare_run("train_step", argv, mode="pretrain")
+    import builders
     import keras
     import numpy as np
     import tensorflow as tf

@@ -1,0 +1,59 @@
+"""Whole-fit throughput on the real augmented input: the runner's model and input, one `model.fit`
+per epoch as the runner calls it, without its callbacks (monitors, checkpoints, TensorBoard).
+
+The train_step benchmark times one compiled step on a fixed batch; this one times what a run's
+epochs see, fit after fit, to show how much the rate varies between fits of the same process
+(BUILD_NOTES "Quick run speed": on the 2-core EPYC some fits run at two thirds of the others'
+rate). Prints one JSON line: pairs per second of each fit.
+
+    python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=5
+    python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --steps_per_execution=8
+"""
+import json
+import time
+
+from absl import flags
+
+from benchmarks import prepare_run
+
+flags.DEFINE_integer("steps", 300, "Steps per fit (936 = a Fashion-MNIST epoch at batch 64).")
+flags.DEFINE_integer("fits", 5, "Fits to time, each on a fresh epoch's input.")
+flags.DEFINE_integer("steps_per_execution", 1, "Keras steps_per_execution for the timed fits.")
+flags.DEFINE_float("pause_s", 0.0, "Seconds to sleep between fits (the runner spends a few on its epoch-end "
+                   "monitors, checkpoint and summaries).")
+flags.DEFINE_enum("between", "none", ["none", "alloc", "spectrum"], "Work between fits: none; alloc (a few "
+                  "eager tensors of random sizes, kept alive: the allocator's state changes); spectrum (the "
+                  "runner's SpectrumMonitor measurement).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    config, prepared = prepare_run("fit_epochs", argv, mode="pretrain")
+    import pretraining
+    from keras_ncssl import runtime
+
+    model = prepared.model
+    model.steps_per_execution = FLAGS.steps_per_execution
+    model.train_function = None  # rebuilt with the steps_per_execution above
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ncssl.callbacks import SpectrumMonitor
+    monitor = SpectrumMonitor()
+    monitor.set_model(model)
+    rng, kept = np.random.default_rng(0), []
+    rates = []
+    for epoch in range(FLAGS.fits):
+        if epoch:
+            time.sleep(FLAGS.pause_s)
+            if FLAGS.between == "alloc":
+                kept += [tf.random.normal([int(n)]) for n in rng.integers(1, 1 << 20, size=4)]
+            elif FLAGS.between == "spectrum":
+                monitor.measure()
+        dataset = pretraining.pretrain_input(config, prepared.splits, epoch).take(FLAGS.steps)
+        start = time.perf_counter()
+        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0)
+        rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - start)))
+    print(json.dumps({"benchmark": "fit_epochs", "pairs_per_sec": rates, "steps": FLAGS.steps,
+                      "steps_per_execution": FLAGS.steps_per_execution,
+                      "runtime": runtime.describe(prepared.precision)}), flush=True)
