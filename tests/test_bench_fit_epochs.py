@@ -12,7 +12,7 @@ def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime():
     result = subprocess.run(
         [sys.executable, os.path.join("experiments", "bench.py"), "fit_epochs",
          "--flagfile=experiments/quick.flags", "--steps=3", "--fits=2", "--steps_per_execution=2",
-         "--mixed_precision=none", "--knn_monitor_every=0"],
+         "--mixed_precision=none", "--knn_monitor_every=0", "--callbacks=epoch_end,spectrum"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "experiments")))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -20,3 +20,4 @@ def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime():
     assert row["benchmark"] == "fit_epochs" and row["steps"] == 3 and row["steps_per_execution"] == 2
     assert len(row["pairs_per_sec"]) == 2 and all(rate > 0 for rate in row["pairs_per_sec"])
     assert row["runtime"]["precision"] == "none" and row["runtime"]["intra_op_threads"] == 1
+    assert row["callbacks"] == ["epoch_end", "spectrum"]

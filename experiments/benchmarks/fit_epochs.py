@@ -24,6 +24,8 @@ flags.DEFINE_float("pause_s", 0.0, "Seconds to sleep between fits (the runner sp
 flags.DEFINE_enum("between", "none", ["none", "alloc", "spectrum"], "Work between fits: none; alloc (a few "
                   "eager tensors of random sizes, kept alive: the allocator's state changes); spectrum (the "
                   "runner's SpectrumMonitor measurement).")
+flags.DEFINE_list("callbacks", [], "Callbacks to attach to every fit: spectrum (the runner's SpectrumMonitor), "
+                  "tensorboard (into a temporary folder), epoch_end (an empty on_epoch_end).")
 FLAGS = flags.FLAGS
 
 
@@ -42,6 +44,22 @@ def main(argv):
     monitor = SpectrumMonitor()
     monitor.set_model(model)
     rng, kept = np.random.default_rng(0), []
+    unknown = set(FLAGS.callbacks) - {"spectrum", "tensorboard", "epoch_end"}
+    if unknown:
+        raise SystemExit(f"bench.py fit_epochs: --callbacks={','.join(FLAGS.callbacks)}: unknown "
+                         f"{sorted(unknown)}; allowed: spectrum, tensorboard, epoch_end.")
+    import tempfile
+
+    import keras
+    attached = [SpectrumMonitor() for name in FLAGS.callbacks if name == "spectrum"]
+    logs = tempfile.TemporaryDirectory()
+
+    class EpochEnd(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # does nothing: is a callback's mere presence enough?
+            pass
+
+    attached += [EpochEnd() for name in FLAGS.callbacks if name == "epoch_end"]
+    attached += [keras.callbacks.TensorBoard(logs.name) for name in FLAGS.callbacks if name == "tensorboard"]
     rates = []
     for epoch in range(FLAGS.fits):
         if epoch:
@@ -52,8 +70,8 @@ def main(argv):
                 monitor.measure()
         dataset = pretraining.pretrain_input(config, prepared.splits, epoch).take(FLAGS.steps)
         start = time.perf_counter()
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0)
+        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, callbacks=attached)
         rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - start)))
     print(json.dumps({"benchmark": "fit_epochs", "pairs_per_sec": rates, "steps": FLAGS.steps,
-                      "steps_per_execution": FLAGS.steps_per_execution,
+                      "steps_per_execution": FLAGS.steps_per_execution, "callbacks": FLAGS.callbacks,
                       "runtime": runtime.describe(prepared.precision)}), flush=True)
