@@ -24,7 +24,10 @@ def prepare_run(name, argv, **replace):
     import os
 
     import runner_flags
-    flags.FLAGS([f"bench.py {name}", *runner_flags.resolve_flagfile_arguments(argv)])
+    try:
+        flags.FLAGS([f"bench.py {name}", *runner_flags.resolve_flagfile_arguments(argv)])
+    except flags.Error as error:
+        sys.exit(f"bench.py {name}: error: {error}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = runner_flags.resolved(flags.FLAGS).replace(**replace)

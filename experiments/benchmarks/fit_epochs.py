@@ -1,5 +1,5 @@
 """Whole-fit throughput on the real augmented input: the runner's model and input, one `model.fit`
-per epoch as the runner calls it, without its callbacks (monitors, checkpoints, TensorBoard).
+per epoch as the runner calls it, without its callbacks unless --callbacks names some.
 
 The train_step benchmark times one compiled step on a fixed batch; this one times what a run's
 epochs see, fit after fit, to show how much the rate varies between fits of the same process
@@ -10,12 +10,14 @@ rate). Prints one JSON line: pairs per second of each fit.
     python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --steps_per_execution=8
 """
 import json
+import tempfile
 import time
 
 from absl import flags
 
 from benchmarks import prepare_run
 
+CALLBACKS = ("spectrum", "tensorboard", "epoch_end")
 flags.DEFINE_integer("steps", 300, "Steps per fit (936 = a Fashion-MNIST epoch at batch 64).")
 flags.DEFINE_integer("fits", 5, "Fits to time, each on a fresh epoch's input.")
 flags.DEFINE_integer("steps_per_execution", 1, "Keras steps_per_execution for the timed fits.")
@@ -26,40 +28,35 @@ flags.DEFINE_enum("between", "none", ["none", "alloc", "spectrum"], "Work betwee
                   "runner's SpectrumMonitor measurement).")
 flags.DEFINE_list("callbacks", [], "Callbacks to attach to every fit: spectrum (the runner's SpectrumMonitor), "
                   "tensorboard (into a temporary folder), epoch_end (an empty on_epoch_end).")
+flags.register_validator("callbacks", lambda names: set(names) <= set(CALLBACKS),
+                         f"--callbacks: allowed names are {', '.join(CALLBACKS)}.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     config, prepared = prepare_run("fit_epochs", argv, mode="pretrain")
-    import pretraining
-    from keras_ncssl import runtime
-
-    model = prepared.model
-    model.steps_per_execution = FLAGS.steps_per_execution
-    model.train_function = None  # rebuilt with the steps_per_execution above
+    import keras
     import numpy as np
+    import pretraining
     import tensorflow as tf
 
+    from keras_ncssl import runtime
     from keras_ncssl.callbacks import SpectrumMonitor
-    monitor = SpectrumMonitor()
-    monitor.set_model(model)
-    rng, kept = np.random.default_rng(0), []
-    unknown = set(FLAGS.callbacks) - {"spectrum", "tensorboard", "epoch_end"}
-    if unknown:
-        raise SystemExit(f"bench.py fit_epochs: --callbacks={','.join(FLAGS.callbacks)}: unknown "
-                         f"{sorted(unknown)}; allowed: spectrum, tensorboard, epoch_end.")
-    import tempfile
-
-    import keras
-    attached = [SpectrumMonitor() for name in FLAGS.callbacks if name == "spectrum"]
-    logs = tempfile.TemporaryDirectory()
 
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):  # does nothing: is a callback's mere presence enough?
             pass
 
-    attached += [EpochEnd() for name in FLAGS.callbacks if name == "epoch_end"]
-    attached += [keras.callbacks.TensorBoard(logs.name) for name in FLAGS.callbacks if name == "tensorboard"]
+    model = prepared.model
+    model.steps_per_execution = FLAGS.steps_per_execution
+    model.train_function = None  # rebuilt with the steps_per_execution above
+    tensorboard_dir = tempfile.TemporaryDirectory()
+    make = {"spectrum": SpectrumMonitor, "epoch_end": EpochEnd,
+            "tensorboard": lambda: keras.callbacks.TensorBoard(tensorboard_dir.name)}
+    attached = [make[name]() for name in FLAGS.callbacks]
+    monitor = SpectrumMonitor()
+    monitor.set_model(model)
+    rng, kept = np.random.default_rng(0), []
     rates = []
     for epoch in range(FLAGS.fits):
         if epoch:

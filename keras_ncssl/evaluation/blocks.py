@@ -16,12 +16,15 @@ import numpy as np
 import tensorflow as tf
 
 
-def block_count(rows, min_rows=1):
-    """Blocks to split ``rows`` rows into: cores per intra-op thread, at most one per ``min_rows``."""
+def block_count(rows=None, min_rows=1):
+    """Blocks to split ``rows`` rows into: cores per intra-op thread, at most one per ``min_rows``
+    (``rows=None``: a batch of unknown size, no cap)."""
     intra_op = tf.config.threading.get_intra_op_parallelism_threads()
     if intra_op <= 0:  # TensorFlow's default: every op uses every core
         return 1
     per_core = max(1, (os.cpu_count() or 1) // intra_op)
+    if rows is None:
+        return per_core
     return int(max(1, min(per_core, rows // max(1, min_rows))))
 
 

@@ -49,7 +49,7 @@ def make_feature_fn(encoder, blocks=None):
     """
     encoder = resolve_encoder(encoder)
     pass_training = _accepts_training(encoder)
-    blocks = block_count(1 << 30) if blocks is None else int(blocks)
+    blocks = block_count() if blocks is None else int(blocks)
 
     def call(images):
         out = encoder(images, training=False) if pass_training else encoder(images)

@@ -12,8 +12,8 @@ quantity scikit-learn's lbfgs stops on (its ``tol``, default 1e-4, on the same m
 Each evaluation is two products of the [N, D] features with [D, K] matrices (TensorFlow, all
 cores: in row blocks where ops get one intra-op thread each), in float32 for large problems
 (over ``FLOAT64_MAX_ENTRIES`` feature entries, where they are most of the time; float32
-products keep the gradient's rounding near 1e-7 of its scale, far below the tolerances used) and in float64 otherwise; the softmax, the loss and
-the [N, K] residuals are always float64.
+products keep the gradient's rounding near 1e-7 of its scale, far below the tolerances used)
+and in float64 otherwise; the softmax, the loss and the [N, K] residuals are always float64.
 
 Preconditioning is what keeps the iteration count down on raw pixels, whose feature
 covariance spans five orders of magnitude. The Hessian is approximated by its Kronecker
