@@ -88,7 +88,7 @@ def evaluate(config, model, splits, trained_step=None):
     write_json_atomic(_path(config, "eval.json"), results)
     t = results["trained"]
     print(f"linear probe {t['linear_probe_top1']:.4f}  kNN {t['knn_top1']:.4f}  "
-          f"few-label {t['few_label_top1_mean']}", flush=True)
+          f"few-label {t['few_label_top1_mean']:.4f}", flush=True)
     return results
 
 

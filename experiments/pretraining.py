@@ -112,6 +112,38 @@ def _write_history_csv(path, history):
     write_text_atomic(path, text.getvalue())
 
 
+class _BetweenFits:
+    """The epoch-end callbacks (monitors, TensorBoard), driven by the runner after each epoch's
+    ``fit`` returns instead of inside it.
+
+    Why: eager work inside ``fit`` (the monitors' eigh and feature extraction, summary writes)
+    put 40-70 % of the following epochs into a state where the same train step ran 1.25-1.5x
+    slower for the whole epoch (BUILD_NOTES, "The slow epochs"); the same work between two fits
+    did not. The hooks are the Keras ones, called in list order with the same ``logs`` dict, so
+    each callback sees what the ones before it added (the kNN and spectrum scalars reach
+    TensorBoard and history.csv) and ``params["epochs"]`` is the whole run's.
+    """
+
+    def __init__(self, callbacks, model, epochs, steps):
+        self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            callback.set_model(model)
+            callback.set_params({"epochs": epochs, "steps": steps, "verbose": 0})
+
+    def __enter__(self):
+        for callback in self.callbacks:
+            callback.on_train_begin()
+        return self
+
+    def on_epoch_end(self, epoch, logs):
+        for callback in self.callbacks:
+            callback.on_epoch_end(epoch, logs)
+
+    def __exit__(self, *exc_info):
+        for callback in reversed(self.callbacks):
+            callback.on_train_end()
+
+
 def _fit_verbosity(config):
     """--verbose=auto: Keras' progress bar in a terminal; elsewhere (a file, make, CI) none, so
     the log holds only the runner's line per epoch instead of megabytes of redraws."""
@@ -158,20 +190,18 @@ def pretrain(config, strategy, splits, model):
     probe = eval_arrays(config, splits, "validation", 512)[0] if splits.num_classes else None
     monitor = SpectrumMonitor(probe_images=probe)  # warns below diagnostics.collapse_threshold(d)
     monitor.records = list(records["spectrum"])
-    callbacks = [monitor]
+    knn = None
     if config.evaluation.knn_monitor_every and splits.num_classes:
         bank = eval_arrays(config, splits, "train", config.evaluation.knn_monitor_bank)
         queries = eval_arrays(config, splits, "validation", config.evaluation.knn_monitor_queries)
         knn = evaluation.KNNMonitor(*bank, *queries, k=min(config.evaluation.knn_k, len(bank[1])),
                                     temperature=config.evaluation.knn_temperature,
                                     every_n_epochs=config.evaluation.knn_monitor_every)
-        callbacks.insert(0, knn)
-        if state is None:  # the untrained encoder's value: the curve's own baseline
-            knn.set_model(model)
-            records["knn_top1_at_init"] = float(knn.evaluate())
-            print(f"kNN monitor before training: {records['knn_top1_at_init']:.4f}", flush=True)
-    callbacks += [keras.callbacks.TensorBoard(workdir_file(config, "logs"))]
     os.makedirs(workdir_file(config, "logs"), exist_ok=True)
+    # Order matters: the monitors put their scalars into the logs TensorBoard then writes.
+    between = _BetweenFits([c for c in (knn, monitor) if c is not None]
+                           + [keras.callbacks.TensorBoard(workdir_file(config, "logs"))],
+                           model, config.optimisation.epochs, steps)
     verbose = _fit_verbosity(config)
 
     def save(epoch, step_in_epoch):
@@ -194,36 +224,41 @@ def pretrain(config, strategy, splits, model):
             records.pop("partial_epoch", None)
         checkpoint.save(epoch, step_in_epoch, records, number=epoch * steps + step_in_epoch)
 
-    for epoch in range(start_epoch, config.optimisation.epochs):
-        first = start_step if epoch == start_epoch else 0
-        dataset = pretrain_input(config, splits, epoch).skip(first).take(steps - first)
-        step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config.run.checkpoint_every_steps, first)
-        extra = [step_saver]
-        partial = records.get("partial_epoch")
-        if first and partial and (partial["epoch"], partial["step"]) == (epoch, first):
-            extra.append(_ResumeEpochMetrics(partial["metric_sums"]))
-        began = time.perf_counter()
-        try:
-            history = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - first,
-                                callbacks=callbacks + extra, verbose=verbose)
-        except models.NonFiniteTrainingError as error:
-            raise _diverged(config, f"epoch {epoch + 1}/{config.optimisation.epochs}: {error}") from None
-        seconds = time.perf_counter() - began
-        logs = {k: float(v[-1]) for k, v in history.history.items()}
-        images = (steps - first) * config.optimisation.batch_size
-        logs.update(epoch=epoch + 1, seconds=seconds, images_per_sec=images / seconds)
-        records["history"].append(logs)
-        records["train_seconds"] += seconds
-        records["images_trained"] += images
-        save(epoch + 1, 0)
-        if distribute.is_chief(strategy):
-            _write_history_csv(workdir_file(config, "logs", "history.csv"), records["history"])
-        summary = " ".join(f"{k}={logs[k]:.4g}" for k in ("loss", "projection_std", "knn_top1", "effective_rank")
-                           if k in logs)
-        if logs.get("nonfinite_steps"):
-            summary += f" nonfinite_steps={int(logs['nonfinite_steps'])}"
-        print(f"epoch {epoch + 1}/{config.optimisation.epochs}: {summary} ({seconds:.0f}s, "
-              f"{logs['images_per_sec']:.0f} img/s)", flush=True)
+    with between:
+        if knn is not None and state is None:  # the untrained encoder's value: the curve's own baseline
+            records["knn_top1_at_init"] = float(knn.evaluate())
+            print(f"kNN monitor before training: {records['knn_top1_at_init']:.4f}", flush=True)
+        for epoch in range(start_epoch, config.optimisation.epochs):
+            first = start_step if epoch == start_epoch else 0
+            dataset = pretrain_input(config, splits, epoch).skip(first).take(steps - first)
+            step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config.run.checkpoint_every_steps, first)
+            extra = [step_saver]
+            partial = records.get("partial_epoch")
+            if first and partial and (partial["epoch"], partial["step"]) == (epoch, first):
+                extra.append(_ResumeEpochMetrics(partial["metric_sums"]))
+            began = time.perf_counter()
+            try:
+                history = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1,
+                                    steps_per_epoch=steps - first, callbacks=extra, verbose=verbose)
+            except models.NonFiniteTrainingError as error:
+                raise _diverged(config, f"epoch {epoch + 1}/{config.optimisation.epochs}: {error}") from None
+            seconds = time.perf_counter() - began
+            logs = {k: float(v[-1]) for k, v in history.history.items()}
+            between.on_epoch_end(epoch, logs)  # before the checkpoint: it saves the spectrum records
+            images = (steps - first) * config.optimisation.batch_size
+            logs.update(epoch=epoch + 1, seconds=seconds, images_per_sec=images / seconds)
+            records["history"].append(logs)
+            records["train_seconds"] += seconds
+            records["images_trained"] += images
+            save(epoch + 1, 0)
+            if distribute.is_chief(strategy):
+                _write_history_csv(workdir_file(config, "logs", "history.csv"), records["history"])
+            summary = " ".join(f"{k}={logs[k]:.4g}" for k in ("loss", "projection_std", "knn_top1", "effective_rank")
+                               if k in logs)
+            if logs.get("nonfinite_steps"):
+                summary += f" nonfinite_steps={int(logs['nonfinite_steps'])}"
+            print(f"epoch {epoch + 1}/{config.optimisation.epochs}: {summary} ({seconds:.0f}s, "
+                  f"{logs['images_per_sec']:.0f} img/s)", flush=True)
     if not distribute.is_chief(strategy):
         return model
     write_json_atomic(workdir_file(config, "pretrain.json"), {

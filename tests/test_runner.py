@@ -13,6 +13,18 @@ import pytest
 from run_tiny import ENV, ROOT, RUN, TINY, embeddings, error_lines, parse, run
 
 
+def tensorboard_scalars(directory):
+    """{tag: {step: value}} of the scalar summaries in a TensorBoard log directory."""
+    import tensorflow as tf
+    scalars = {}
+    for name in sorted(os.listdir(directory)):
+        for event in tf.compat.v1.train.summary_iterator(str(directory / name)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    return scalars
+
+
 @pytest.mark.slow
 def test_all_stages_write_report_and_encoder(tmp_path):
     workdir = tmp_path / "run"
@@ -35,7 +47,12 @@ def test_all_stages_write_report_and_encoder(tmp_path):
     assert (workdir / "plots" / "spectrum.png").stat().st_size > 1000
     x = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
     assert embeddings(workdir, x).shape == (3, report["trained"]["feature_dim"])
-    assert any(name.startswith("events") for name in os.listdir(workdir / "logs" / "train"))
+    # The monitors run between fits (pretraining._BetweenFits) and still reach TensorBoard: one
+    # value per epoch, equal to the history's.
+    scalars = tensorboard_scalars(workdir / "logs" / "train")
+    for key in ("loss", "knn_top1", "effective_rank"):
+        assert scalars[f"epoch_{key}"] == pytest.approx(
+            {epoch: row[key] for epoch, row in enumerate(report["history"])}, rel=1e-6), key
     # The same command again: already complete, stages rerun from the checkpoint.
     again = run(workdir, "--mode=report")
     assert "Report:" in again.stdout
