@@ -1,18 +1,21 @@
 """experiments/bench.py fit_epochs runs the runner's model on its real input, one fit per epoch,
-and reports one rate per fit with the threads and precision it used."""
+and reports one rate per fit (or per epoch of one fit) with the threads and precision it used."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime():
+@pytest.mark.parametrize("single_fit", [False, True])
+def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime(single_fit):
     result = subprocess.run(
         [sys.executable, os.path.join("experiments", "bench.py"), "fit_epochs",
          "--flagfile=experiments/quick.flags", "--steps=3", "--fits=2", "--steps_per_execution=2",
-         "--mixed_precision=none", "--knn_monitor_every=0", "--callbacks=epoch_end,spectrum"],
+         "--mixed_precision=none", "--knn_monitor_every=0", "--callbacks=epoch_end,spectrum", f"--single_fit={single_fit}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "experiments")))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -20,4 +23,4 @@ def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime():
     assert row["benchmark"] == "fit_epochs" and row["steps"] == 3 and row["steps_per_execution"] == 2
     assert len(row["pairs_per_sec"]) == 2 and all(rate > 0 for rate in row["pairs_per_sec"])
     assert row["runtime"]["precision"] == "none" and row["runtime"]["intra_op_threads"] == 1
-    assert row["callbacks"] == ["epoch_end", "spectrum"]
+    assert row["callbacks"] == ["epoch_end", "spectrum"] and row["single_fit"] is single_fit

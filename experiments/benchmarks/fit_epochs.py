@@ -8,6 +8,8 @@ rate). Prints one JSON line: pairs per second of each fit.
 
     python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=5
     python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --steps_per_execution=8
+    python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=6 --single_fit \
+        --callbacks=spectrum
 """
 import json
 import tempfile
@@ -28,6 +30,8 @@ flags.DEFINE_enum("between", "none", ["none", "alloc", "spectrum"], "Work betwee
                   "runner's SpectrumMonitor measurement).")
 flags.DEFINE_list("callbacks", [], "Callbacks to attach to every fit: spectrum (the runner's SpectrumMonitor), "
                   "tensorboard (into a temporary folder), epoch_end (an empty on_epoch_end).")
+flags.DEFINE_bool("single_fit", False, "One fit of --fits epochs (as a library user calls fit; --pause_s and "
+                  "--between do not apply) instead of one fit per epoch (as the runner does).")
 flags.register_validator("callbacks", lambda names: set(names) <= set(CALLBACKS),
                          f"--callbacks: allowed names are {', '.join(CALLBACKS)}.")
 FLAGS = flags.FLAGS
@@ -58,7 +62,18 @@ def main(argv):
     monitor.set_model(model)
     rng, kept = np.random.default_rng(0), []
     rates = []
-    for epoch in range(FLAGS.fits):
+    if FLAGS.single_fit:
+        class EpochTimer(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):  # first, so the attached callbacks' work is not timed
+                rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - self.start)))
+
+        dataset = pretraining.pretrain_input(config, prepared.splits, 0).repeat()
+        model.fit(dataset, epochs=FLAGS.fits, steps_per_epoch=FLAGS.steps, verbose=0,
+                  callbacks=[EpochTimer(), *attached])
+    for epoch in range(0 if FLAGS.single_fit else FLAGS.fits):
         if epoch:
             time.sleep(FLAGS.pause_s)
             if FLAGS.between == "alloc":
@@ -70,5 +85,6 @@ def main(argv):
         model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, callbacks=attached)
         rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - start)))
     print(json.dumps({"benchmark": "fit_epochs", "pairs_per_sec": rates, "steps": FLAGS.steps,
+                      "single_fit": FLAGS.single_fit,
                       "steps_per_execution": FLAGS.steps_per_execution, "callbacks": FLAGS.callbacks,
                       "runtime": runtime.describe(prepared.precision)}), flush=True)
