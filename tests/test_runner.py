@@ -59,6 +59,16 @@ def test_all_stages_write_report_and_encoder(tmp_path):
 
 
 @pytest.mark.slow
+def test_knn_monitor_every_n_epochs_in_history_and_tensorboard(tmp_path):
+    """--knn_monitor_every=2 over 4 epochs: the first, every second and the last epoch (1, 2, 4)."""
+    workdir = tmp_path / "run"
+    run(workdir, "--mode=pretrain", "--epochs=4", "--steps_per_epoch=2", "--knn_monitor_every=2")
+    history = json.loads((workdir / "pretrain.json").read_text())["history"]
+    assert [row["epoch"] for row in history if "knn_top1" in row] == [1, 2, 4]
+    assert sorted(tensorboard_scalars(workdir / "logs" / "train")["epoch_knn_top1"]) == [0, 1, 3]
+
+
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     flags = ["--mode=pretrain", "--epochs=2", "--steps_per_epoch=8", "--checkpoint_every_steps=2",
              "--knn_monitor_every=0"]
