@@ -5,7 +5,12 @@ import inspect
 
 import keras
 
-from keras_ncssl import distribute, encoders, heads, models, optimizers, predictors, schedules
+from keras_ncssl import distribute, encoders, heads, models, optimizers, predictors, runtime, schedules
+
+# On a CPU-only machine the small CNN's convolutions with at most this many output positions
+# compute their kernel gradient as one product (encoders.small_cnn, BUILD_NOTES "The kernel
+# gradient as one product"); accelerators keep their own convolution kernels.
+SMALL_MODEL_CPU_PATCH_GRADIENT_POSITIONS = 16
 
 # Flags that become keyword arguments of the predictor's rule, each given to the rules whose
 # signature takes it (as encoders.get_encoder routes its options): {rule argument: flag}.
@@ -38,6 +43,8 @@ def build_encoder(config, synchronized_bn=False):
     elif model.encoder == "small":
         options["stem_stride"] = model.stem_stride
         options["convs_per_stage"] = model.convs_per_stage
+        if not runtime.accelerators():
+            options["patch_gradient_positions"] = SMALL_MODEL_CPU_PATCH_GRADIENT_POSITIONS
         if model.widths:
             options["widths"] = tuple(model.widths)
     return encoders.get_encoder(model.encoder, encoder_input_shape(config), **options)

@@ -24,7 +24,7 @@ check_versions()  # first: an unsupported TensorFlow/Keras fails here, with the 
 
 __version__ = "0.1.0"
 
-SUBMODULES = ("augment", "callbacks", "checkpoint", "data", "diagnostics", "distribute", "encoders",
+SUBMODULES = ("augment", "callbacks", "checkpoint", "convolution", "data", "diagnostics", "distribute", "encoders",
               "evaluation", "export", "files", "heads", "losses", "models", "normalization", "numerics",
               "optimizers", "predictors", "runtime", "schedules", "theory")
 # Public name -> the submodule that defines it.
@@ -34,7 +34,7 @@ _NAMES = {"BYOL": "models", "SimSiam": "models", "DirectPredictor": "predictors"
 
 __all__ = list(_NAMES)
 # The modules that register Keras serializables (keras.saving.register_keras_serializable).
-_SERIALIZABLES = ("models", "normalization", "optimizers", "predictors", "schedules")
+_SERIALIZABLES = ("convolution", "models", "normalization", "optimizers", "predictors", "schedules")
 
 
 def register_keras_objects():

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from export_helpers import bn_encoder, relative_error
 from keras_ncssl import augment, export
+from keras_ncssl.convolution import PatchGradientConv2D
 from keras_ncssl.normalization import FusedBatchNormalization
 
 SIZE = 12
@@ -161,6 +162,10 @@ def test_plain_keras_copy_has_builtin_layers_and_identical_weights(rng, tmp_path
     plain = export.to_plain_keras(encoder)
     assert not any(isinstance(layer, FusedBatchNormalization) for layer in plain.layers)
     assert sum(type(layer) is keras.layers.BatchNormalization for layer in plain.layers) == 2
+    assert [type(layer) for layer in encoder.layers if isinstance(layer, keras.layers.Conv2D)] == [
+        keras.layers.Conv2D, PatchGradientConv2D]
+    assert [type(layer) for layer in plain.layers if isinstance(layer, keras.layers.Conv2D)] == [
+        keras.layers.Conv2D, keras.layers.Conv2D]
     for a, b in zip(encoder.weights, plain.weights):
         assert a.path.split("/")[-2:] == b.path.split("/")[-2:]
         np.testing.assert_array_equal(a.numpy(), b.numpy())

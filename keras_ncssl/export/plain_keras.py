@@ -1,10 +1,11 @@
 """The encoder as a `.keras` file of built-in Keras layers, for fine-tuning without keras_ncssl.
 
 The encoders use `normalization.FusedBatchNormalization`, a subclass of
-`keras.layers.BatchNormalization` with the parent's config and weights that only changes how the
-training-mode step is computed. A `.keras` file naming it needs `import keras_ncssl` to load.
-`to_plain_keras` clones a functional or sequential encoder with every such layer replaced by its
-built-in Keras parent (same config, so the same weights in the same order), and
+`keras.layers.BatchNormalization`, and `convolution.PatchGradientConv2D`, a subclass of
+`keras.layers.Conv2D`, each with the parent's config and weights, changing only how training
+computes (the fused step; the kernel gradient). A `.keras` file naming them needs
+`import keras_ncssl` to load. `to_plain_keras` clones a functional or sequential encoder with
+every such layer replaced by its built-in Keras parent (same config, so the same weights in the same order), and
 `check_plain_keras_file` proves that the written file names built-in Keras classes only.
 """
 import json
@@ -12,11 +13,13 @@ import zipfile
 
 import keras
 
+from keras_ncssl.convolution import PatchGradientConv2D
 from keras_ncssl.encoders import all_layers
 from keras_ncssl.normalization import FusedBatchNormalization
 
 # Library layers and the built-in Keras layer with the same config, weights and inference math.
-PLAIN_EQUIVALENTS = {FusedBatchNormalization: keras.layers.BatchNormalization}
+PLAIN_EQUIVALENTS = {FusedBatchNormalization: keras.layers.BatchNormalization,
+                     PatchGradientConv2D: keras.layers.Conv2D}
 
 
 class NotPlainKerasError(ValueError):
