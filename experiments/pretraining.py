@@ -121,7 +121,9 @@ class _BetweenFits:
     slower for the whole epoch (BUILD_NOTES, "The slow epochs"); the same work between two fits
     did not. The hooks are the Keras ones, called in list order with the same ``logs`` dict, so
     each callback sees what the ones before it added (the kNN and spectrum scalars reach
-    TensorBoard and history.csv) and ``params["epochs"]`` is the whole run's.
+    TensorBoard and history.csv) and ``params["epochs"]`` is the whole run's. (Keras'
+    ``CallbackList.on_epoch_end`` hands the callbacks a converted copy of ``logs``, so the
+    runner's history would not see the monitors' scalars.)
     """
 
     def __init__(self, callbacks, model, epochs, steps):

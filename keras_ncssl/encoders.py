@@ -278,8 +278,8 @@ def get_encoder(name, input_shape, **options):
 
     `options` go to the builder: for the ResNets `stem`, `width_multiplier`,
     `synchronized_bn`, `zero_init_residual`, `bn_momentum`, `bn_epsilon`, `name`; for
-    "small" `widths`, `width_multiplier`, `convs_per_stage`, `stem_stride`, `patch_gradient_positions`, `synchronized_bn`,
-    `bn_momentum`, `bn_epsilon`, `name`.
+    "small" `widths`, `width_multiplier`, `convs_per_stage`, `stem_stride`,
+    `patch_gradient_positions`, `synchronized_bn`, `bn_momentum`, `bn_epsilon`, `name`.
     """
     if name not in ENCODERS:
         raise ValueError(f"get_encoder: unknown encoder name={name!r}; allowed: "

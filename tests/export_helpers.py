@@ -25,7 +25,8 @@ def randomize_batchnorm(model, rng):
 def bn_encoder(rng, shape, widths=(8, 16), name="encoder"):
     """The library's small CNN (FusedBatchNormalization; PatchGradientConv2D on maps of <= 16
     positions, as the runner builds it on a CPU) with random BN parameters."""
-    return randomize_batchnorm(encoders.small_cnn(shape, widths=widths, name=name, patch_gradient_positions=16), rng)
+    encoder = encoders.small_cnn(shape, widths=widths, name=name, patch_gradient_positions=16)
+    return randomize_batchnorm(encoder, rng)
 
 
 def relative_error(got, expected):

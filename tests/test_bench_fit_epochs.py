@@ -15,7 +15,8 @@ def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime(single_fit):
     result = subprocess.run(
         [sys.executable, os.path.join("experiments", "bench.py"), "fit_epochs",
          "--flagfile=experiments/quick.flags", "--steps=3", "--fits=2", "--steps_per_execution=2",
-         "--mixed_precision=none", "--knn_monitor_every=0", "--callbacks=epoch_end,spectrum", f"--single_fit={single_fit}"],
+         "--mixed_precision=none", "--knn_monitor_every=0", "--callbacks=epoch_end,spectrum",
+         f"--single_fit={single_fit}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "experiments")))
     assert result.returncode == 0, result.stderr[-2000:]

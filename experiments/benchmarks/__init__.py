@@ -1,4 +1,5 @@
 """Benchmarks run by experiments/bench.py: one module per benchmark, each with ``main(argv)``."""
+import os
 import sys
 
 from absl import flags
@@ -21,8 +22,6 @@ def prepare_run(name, argv, **replace):
     """The runner's flags (absl FLAGS, a flagfile included) -> (config, prepared): the config with
     ``replace`` applied and ``runner.preflight`` done, so a benchmark times exactly the run's own
     set-up (precision, threads, strategy, model). A bad flag exits with the runner's one-line error."""
-    import os
-
     import runner_flags
     try:
         flags.FLAGS([f"bench.py {name}", *runner_flags.resolve_flagfile_arguments(argv)])

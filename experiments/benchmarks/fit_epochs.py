@@ -73,17 +73,18 @@ def main(argv):
         dataset = pretraining.pretrain_input(config, prepared.splits, 0).repeat()
         model.fit(dataset, epochs=FLAGS.fits, steps_per_epoch=FLAGS.steps, verbose=0,
                   callbacks=[EpochTimer(), *attached])
-    for epoch in range(0 if FLAGS.single_fit else FLAGS.fits):
-        if epoch:
-            time.sleep(FLAGS.pause_s)
-            if FLAGS.between == "alloc":
-                kept += [tf.random.normal([int(n)]) for n in rng.integers(1, 1 << 20, size=4)]
-            elif FLAGS.between == "spectrum":
-                monitor.measure()
-        dataset = pretraining.pretrain_input(config, prepared.splits, epoch).take(FLAGS.steps)
-        start = time.perf_counter()
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, callbacks=attached)
-        rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - start)))
+    else:
+        for epoch in range(FLAGS.fits):
+            if epoch:
+                time.sleep(FLAGS.pause_s)
+                if FLAGS.between == "alloc":
+                    kept += [tf.random.normal([int(n)]) for n in rng.integers(1, 1 << 20, size=4)]
+                elif FLAGS.between == "spectrum":
+                    monitor.measure()
+            dataset = pretraining.pretrain_input(config, prepared.splits, epoch).take(FLAGS.steps)
+            start = time.perf_counter()
+            model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, callbacks=attached)
+            rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - start)))
     print(json.dumps({"benchmark": "fit_epochs", "pairs_per_sec": rates, "steps": FLAGS.steps,
                       "single_fit": FLAGS.single_fit,
                       "steps_per_execution": FLAGS.steps_per_execution, "callbacks": FLAGS.callbacks,

@@ -5,7 +5,8 @@ The encoders use `normalization.FusedBatchNormalization`, a subclass of
 `keras.layers.Conv2D`, each with the parent's config and weights, changing only how training
 computes (the fused step; the kernel gradient). A `.keras` file naming them needs
 `import keras_ncssl` to load. `to_plain_keras` clones a functional or sequential encoder with
-every such layer replaced by its built-in Keras parent (same config, so the same weights in the same order), and
+every such layer replaced by its built-in Keras parent (same config, so the same weights in the
+same order), and
 `check_plain_keras_file` proves that the written file names built-in Keras classes only.
 """
 import json
