@@ -12,6 +12,12 @@ from keras_ncssl import distribute, encoders, heads, models, optimizers, predict
 # gradient as one product"); accelerators keep their own convolution kernels.
 SMALL_MODEL_CPU_PATCH_GRADIENT_POSITIONS = 16
 
+# --steps_per_execution=auto on a CPU-only machine with one replica: train steps per call of the
+# compiled train function. Between two calls Keras' fit loop runs Python (callbacks, logs) while
+# the cores wait: 8 steps per call made the quick run's epochs ~9 % faster (BUILD_NOTES "Steps per
+# execution"). Accelerators and several replicas keep Keras' default of 1.
+CPU_STEPS_PER_EXECUTION = 8
+
 # Flags that become keyword arguments of the predictor's rule, each given to the rules whose
 # signature takes it (as encoders.get_encoder routes its options): {rule argument: flag}.
 RULE_OPTION_FLAGS = {"power": "power", "eps_inside": "eps_inside", "normalize": "normalize",
@@ -92,6 +98,19 @@ def build_optimizer(config, total_steps, steps_per_epoch):
     return cls(**options)
 
 
+def steps_per_execution(config, strategy):
+    """--steps_per_execution as a number. auto: on a CPU-only machine with one replica the largest
+    N <= CPU_STEPS_PER_EXECUTION that divides --checkpoint_every_steps (checkpoints are taken between
+    calls, so they stay where asked); otherwise 1."""
+    setting = config.run.steps_per_execution
+    if setting != "auto":
+        return setting
+    if runtime.accelerators() or strategy.num_replicas_in_sync > 1:
+        return 1
+    every = config.run.checkpoint_every_steps
+    return max(n for n in range(1, CPU_STEPS_PER_EXECUTION + 1) if not every or every % n == 0)
+
+
 def build_model(config, total_steps, steps_per_epoch, strategy):
     """The BYOL/SimSiam model of the configuration, compiled, weights seeded by --seed."""
     model_config, opt = config.model, config.optimisation
@@ -108,6 +127,7 @@ def build_model(config, total_steps, steps_per_epoch, strategy):
                             ema=opt.ema, total_steps=total_steps, **common)
     else:
         model = models.SimSiam(encoder, projector, predictor, **common)
-    model.compile(optimizer=build_optimizer(config, total_steps, steps_per_epoch), jit_compile=opt.jit_compile)
+    model.compile(optimizer=build_optimizer(config, total_steps, steps_per_epoch), jit_compile=opt.jit_compile,
+                  steps_per_execution=steps_per_execution(config, strategy))
     model.optimizer.build(model.online_variables)  # slots must exist before a restore
     return model

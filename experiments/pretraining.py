@@ -63,16 +63,23 @@ def pretrain_input(config, splits, epoch):
 
 
 class _StepCheckpoint(keras.callbacks.Callback):
-    """Checkpoints every N steps inside an epoch (the epoch-end save is the runner's)."""
+    """Checkpoints every N steps inside an epoch (the epoch-end save is the runner's).
 
-    def __init__(self, save, every, first_step):
+    Keras calls back once per execution of ``steps_per_execution`` steps, with ``batch`` the index
+    of its last step in this fit; the save comes at the first call at or past each multiple of N
+    (exactly at it when N is a multiple of steps_per_execution, as runner_flags asks, and the
+    epoch did not resume between two multiples of steps_per_execution)."""
+
+    def __init__(self, save, every, first_step, steps):
         super().__init__()
-        self.save, self.every, self.step = save, every, first_step
+        self.save, self.every, self.first, self.steps = save, every, first_step, steps
+        self.done = first_step
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.every and self.step % self.every == 0:
-            self.save(self.step)
+        step = self.first + batch + 1
+        if self.every and step // self.every > self.done // self.every and step < self.steps:
+            self.save(step)
+        self.done = step
 
 
 def _metric_sums(model):
@@ -233,7 +240,8 @@ def pretrain(config, strategy, splits, model):
         for epoch in range(start_epoch, config.optimisation.epochs):
             first = start_step if epoch == start_epoch else 0
             dataset = pretrain_input(config, splits, epoch).skip(first).take(steps - first)
-            step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config.run.checkpoint_every_steps, first)
+            step_saver = _StepCheckpoint(lambda s, e=epoch: save(e, s), config.run.checkpoint_every_steps, first,
+                                         steps)
             extra = [step_saver]
             partial = records.get("partial_epoch")
             if first and partial and (partial["epoch"], partial["step"]) == (epoch, first):
@@ -266,6 +274,7 @@ def pretrain(config, strategy, splits, model):
     write_json_atomic(workdir_file(config, "pretrain.json"), {
         "epochs": config.optimisation.epochs, "steps_per_epoch": steps, "history": records["history"],
         "spectrum": monitor.records, "knn_top1_at_init": records.get("knn_top1_at_init"),
-        "train_seconds": records["train_seconds"], "runtime": runtime.describe(),
+        "train_seconds": records["train_seconds"],
+        "runtime": dict(runtime.describe(), steps_per_execution=model.steps_per_execution),
         "images_per_sec": records["images_trained"] / max(records["train_seconds"], 1e-9)})
     return model

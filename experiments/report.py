@@ -148,7 +148,8 @@ def write(config):
         rt = pretrain.get("runtime")
         if rt:
             lines += [f"Precision `{rt['precision']}`; TensorFlow threads intra-op {rt['intra_op_threads'] or 'default'}, "
-                      f"inter-op {rt['inter_op_threads'] or 'default'}; {rt['cpu_count']} CPUs "
+                      f"inter-op {rt['inter_op_threads'] or 'default'}; "
+                      f"{rt.get('steps_per_execution', 1)} train step(s) per execution; {rt['cpu_count']} CPUs "
                       f"(native bfloat16: {'yes' if rt['cpu_native_bfloat16'] else 'no'}), accelerators: "
                       f"{', '.join(rt['accelerators']) or 'none'}.", ""]
         if pretrain.get("knn_top1_at_init") is not None and history:

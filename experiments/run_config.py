@@ -25,6 +25,7 @@ class RunSettings:
     allow_partial: bool
     debug: bool
     threads: Union[str, Tuple[int, int]]  # "auto", "default" or (intra_op, inter_op), 0 = TF's default
+    steps_per_execution: Union[str, int]  # "auto" or N >= 1 (builders.steps_per_execution)
     checkpoint_every_steps: int
     keep_checkpoints: int
 

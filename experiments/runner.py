@@ -87,6 +87,12 @@ def preflight(config):
         _config_errors(f"--threads={config['threads']}", lambda: runtime.set_threads(*threads_for(config)))
     if training:
         prepared.strategy = _config_errors(f"--strategy={config['strategy']}", lambda: get_strategy(config))
+        if (config["steps_per_execution"] not in ("auto", 1) and prepared.strategy.num_replicas_in_sync > 1
+                and not runtime.accelerators()):  # keras_ncssl.distribute: "Limits seen"
+            raise ConfigError(f"--steps_per_execution={config['steps_per_execution']} --strategy={config['strategy']}: "
+                              "several replicas on CPU devices fail with more than one step per execution in "
+                              "TensorFlow 2.21 ('You must feed a value for placeholder'); use --steps_per_execution=1 "
+                              "or auto.")
     if mode == "report":
         return prepared
     try:

@@ -59,6 +59,10 @@ flags.DEFINE_bool("debug", False, "Show Python tracebacks for configuration erro
 flags.DEFINE_string("threads", "auto", "TensorFlow thread pools: auto (one intra-op thread for --encoder=small "
                     "on a CPU-only machine, the fastest measured: BUILD_NOTES 'Quick run speed'; else TensorFlow's "
                     "default), default (TensorFlow's), N (intra-op) or N,M (intra-op, inter-op).")
+flags.DEFINE_string("steps_per_execution", "auto", "Train steps per call of the compiled train function (Keras "
+                    "steps_per_execution): auto (up to 8 on a CPU-only machine with one replica, dividing "
+                    "--checkpoint_every_steps: the Python work between steps cost the quick run ~9 %; else 1) or N. "
+                    "Per-step callbacks (checkpoints, the divergence check) then run every N steps.")
 # -- data --------------------------------------------------------------------------------------
 _training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry name (keras_ncssl.data).")
 _training(flags.DEFINE_integer, "image_size", 32, "Encoder input size (pixels).")
@@ -224,6 +228,8 @@ def resolved(values):
     _check_small_encoder(config)
     _check_paths(config)
     config["threads"] = _parse_threads(config["threads"])
+    config["steps_per_execution"] = _parse_steps_per_execution(config["steps_per_execution"],
+                                                               config["checkpoint_every_steps"])
     unknown = sorted(set(config["allow_changes"]) - set(RESUMABLE))
     if unknown:
         raise ConfigError(f"--allow_changes={','.join(config['allow_changes'])}: {', '.join(unknown)} cannot change "
@@ -243,6 +249,24 @@ def _parse_threads(value):
         raise ConfigError(f"--threads={value}: give auto, default, N (intra-op threads) or N,M (intra-op, "
                           "inter-op), each >= 1.") from None
     return numbers if len(numbers) == 2 else (numbers[0], 0)
+
+
+def _parse_steps_per_execution(value, checkpoint_every_steps):
+    """--steps_per_execution -> "auto" or N >= 1 (dividing --checkpoint_every_steps: the step checkpoint
+    can only be taken between two calls of the train function)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+        if number < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--steps_per_execution={value}: give auto or an integer >= 1.") from None
+    if checkpoint_every_steps % number:
+        raise ConfigError(f"--steps_per_execution={number} --checkpoint_every_steps={checkpoint_every_steps}: "
+                          "checkpoints are taken between executions, so --checkpoint_every_steps must be a multiple "
+                          f"of --steps_per_execution (or 0), e.g. {-(-checkpoint_every_steps // number) * number}.")
+    return number
 
 
 def _check_paths(config):

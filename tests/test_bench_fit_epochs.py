@@ -25,3 +25,18 @@ def test_fit_epochs_reports_a_rate_per_fit_and_the_runtime(single_fit):
     assert len(row["pairs_per_sec"]) == 2 and all(rate > 0 for rate in row["pairs_per_sec"])
     assert row["runtime"]["precision"] == "none" and row["runtime"]["intra_op_threads"] == 1
     assert row["callbacks"] == ["epoch_end", "spectrum"] and row["single_fit"] is single_fit
+
+
+def test_train_step_bench_runs_the_runs_steps_per_execution():
+    """Each timed call of the train function runs --steps_per_execution steps, as the run's fit does;
+    the rate is per step (the optimizer's step count proves how many ran)."""
+    result = subprocess.run(
+        [sys.executable, os.path.join("experiments", "bench.py"), "train_step",
+         "--flagfile=experiments/quick.flags", "--steps=8", "--warmup=4", "--steps_per_execution=4",
+         "--mixed_precision=none", "--batch_size=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "experiments")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["bench"] == "train_step" and row["steps_per_execution"] == 4 and row["steps"] == 8
+    assert row["optimizer_steps"] == 4 + 8 and row["images_per_sec"] > 0

@@ -179,6 +179,10 @@ def test_workdir_of_another_configuration_is_refused_untouched(tmp_path):
     ("--local_size=1", "--local_size=1: must be >= 2 pixels"),
     ("--local_crop_scale=0.5,0.2", "--local_crop_scale=0.5,0.2: give two area fractions"),
     ("--local_crop_scale=0.5", "--local_crop_scale=0.5: give two area fractions"),
+    ("--steps_per_execution=0", "--steps_per_execution=0: give auto or an integer >= 1"),
+    ("--steps_per_execution=3", "--steps_per_execution=3 --checkpoint_every_steps=200: checkpoints are taken "
+                                "between executions, so --checkpoint_every_steps must be a multiple of "
+                                "--steps_per_execution (or 0), e.g. 201"),
 ])
 def test_bad_flag_values_name_the_value_and_the_fix(flag, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -216,6 +220,44 @@ def test_augment_options_reach_the_pretraining_views():
     erased = (1.0 - np.asarray(splits.mean)) / np.asarray(splits.std)  # pixel value 1, normalised
     for view in (view1, view2):
         np.testing.assert_allclose(view.numpy(), np.broadcast_to(erased, view.shape), rtol=1e-5)
+
+
+def test_steps_per_execution_auto_divides_the_checkpoint_interval(monkeypatch):
+    """auto: up to 8 steps per call on a CPU-only machine with one replica, the largest that divides
+    --checkpoint_every_steps; 1 with an accelerator or several replicas; a number is kept."""
+    import builders
+    from keras_ncssl import runtime
+    quick = "--flagfile=" + os.path.join(ROOT, "experiments", "quick.flags")
+
+    class Strategy:
+        def __init__(self, replicas):
+            self.num_replicas_in_sync = replicas
+
+    monkeypatch.setattr(runtime, "accelerators", lambda: [])
+    for every, expected in ((200, 8), (100, 5), (7, 7), (9, 3), (0, 8), (1, 1)):
+        config = parse(quick, f"--checkpoint_every_steps={every}")
+        assert builders.steps_per_execution(config, Strategy(1)) == expected, every
+    config = parse(quick)
+    assert builders.steps_per_execution(config, Strategy(2)) == 1
+    assert builders.steps_per_execution(parse(quick, "--steps_per_execution=4"), Strategy(1)) == 4
+    monkeypatch.setattr(runtime, "accelerators", lambda: ["GPU:0"])
+    assert builders.steps_per_execution(config, Strategy(1)) == 1
+
+
+@pytest.mark.parametrize("every,per_call,first,steps,expected", [
+    (4, 2, 0, 10, [4, 8]),         # calls end at 2, 4, ..., 10: saves at the multiples, none at the epoch's end
+    (4, 4, 0, 8, [4]),
+    (6, 4, 0, 13, [8, 12]),        # not a multiple (a library user's choice): the first call past each
+    (4, 4, 2, 12, [6, 10]),        # resumed between multiples of 4
+    (0, 4, 0, 12, []),
+])
+def test_step_checkpoint_saves_at_the_first_execution_end_past_each_multiple(every, per_call, first, steps, expected):
+    import pretraining
+    saved = []
+    saver = pretraining._StepCheckpoint(saved.append, every, first, steps)
+    for end in range(per_call - 1, steps - first + per_call - 1, per_call):  # Keras' end_step per call
+        saver.on_train_batch_end(end)
+    assert saved == expected
 
 
 def test_flag_values_resolve():

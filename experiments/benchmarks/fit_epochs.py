@@ -1,5 +1,6 @@
 """Whole-fit throughput on the real augmented input: the runner's model and input, one `model.fit`
-per epoch as the runner calls it, without its callbacks unless --callbacks names some.
+per epoch as the runner calls it, without its callbacks unless --callbacks names some. Every flag
+of run.py applies (--steps_per_execution too).
 
 The train_step benchmark times one compiled step on a fixed batch; this one times what a run's
 epochs see, fit after fit, to show how much the rate varies between fits of the same process
@@ -7,7 +8,7 @@ epochs see, fit after fit, to show how much the rate varies between fits of the 
 rate). Prints one JSON line: pairs per second of each fit.
 
     python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=5
-    python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --steps_per_execution=8
+    python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --steps_per_execution=1
     python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=6 --single_fit \
         --callbacks=spectrum
 """
@@ -22,7 +23,6 @@ from benchmarks import prepare_run
 CALLBACKS = ("spectrum", "tensorboard", "epoch_end")
 flags.DEFINE_integer("steps", 300, "Steps per fit (936 = a Fashion-MNIST epoch at batch 64).")
 flags.DEFINE_integer("fits", 5, "Fits to time, each on a fresh epoch's input.")
-flags.DEFINE_integer("steps_per_execution", 1, "Keras steps_per_execution for the timed fits.")
 flags.DEFINE_float("pause_s", 0.0, "Seconds to sleep between fits (the runner spends a few on its epoch-end "
                    "monitors, checkpoint and summaries).")
 flags.DEFINE_enum("between", "none", ["none", "alloc", "spectrum"], "Work between fits: none; alloc (a few "
@@ -52,8 +52,6 @@ def main(argv):
             pass
 
     model = prepared.model
-    model.steps_per_execution = FLAGS.steps_per_execution
-    model.train_function = None  # rebuilt with the steps_per_execution above
     tensorboard_dir = tempfile.TemporaryDirectory()
     make = {"spectrum": SpectrumMonitor, "epoch_end": EpochEnd,
             "tensorboard": lambda: keras.callbacks.TensorBoard(tensorboard_dir.name)}
@@ -87,5 +85,5 @@ def main(argv):
             rates.append(round(FLAGS.steps * config["batch_size"] / (time.perf_counter() - start)))
     print(json.dumps({"benchmark": "fit_epochs", "pairs_per_sec": rates, "steps": FLAGS.steps,
                       "single_fit": FLAGS.single_fit,
-                      "steps_per_execution": FLAGS.steps_per_execution, "callbacks": FLAGS.callbacks,
+                      "steps_per_execution": model.steps_per_execution, "callbacks": FLAGS.callbacks,
                       "runtime": runtime.describe(prepared.precision)}), flush=True)

@@ -3,7 +3,9 @@
 Every flag of experiments/run.py applies (precision, --threads, --strategy, batch, model), so
 a flagfile times its own run's step; augmentation and input are excluded (random images of
 the configured shape, one fixed batch). Prints one JSON line: images_per_sec = global batch /
-median step time (a sample = one pair of views), and the precision/threads actually used.
+median step time (a sample = one pair of views), and the precision/threads/steps per execution
+actually used. With steps_per_execution N (the runner's --steps_per_execution) each timed call of
+the train function runs N steps, as in the run's fit, and a step's time is the call's over N.
 
     python experiments/bench.py train_step --flagfile=experiments/quick.flags --steps=60 --warmup=10
     python experiments/bench.py train_step --encoder=resnet18 --image_size=32 --batch_size=128   # the peer's ResNet step
@@ -45,26 +47,28 @@ def main(argv):
         dataset = strategy.experimental_distribute_dataset(dataset.unbatch().batch(config["batch_size"]))
     iterator = iter(dataset)
     model.make_train_function()  # the compiled function fit() runs, called directly
+    per_call = model.steps_per_execution
+    calls = max(1, round(FLAGS.steps / per_call))
 
     def one():
         logs = model.train_function(iterator)
-        float(logs["loss"])  # block until the step has finished
+        float(logs["loss"])  # block until the steps have finished
 
-    for _ in range(FLAGS.warmup):
+    for _ in range(max(1, -(-FLAGS.warmup // per_call))):
         one()
     times = []
-    for _ in range(FLAGS.steps):
+    for _ in range(calls):
         start = time.perf_counter()
         one()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / per_call)
     median = statistics.median(times)
     if FLAGS.profile_dir:  # a separate traced run: tracing slows the steps it records
         from benchmarks import op_profile
         tf.profiler.experimental.start(FLAGS.profile_dir)
-        for _ in range(FLAGS.steps):
+        for _ in range(calls):
             one()
         tf.profiler.experimental.stop()
-        print(op_profile.summary(FLAGS.profile_dir, steps=FLAGS.steps), file=sys.stderr)
+        print(op_profile.summary(FLAGS.profile_dir, steps=calls * per_call), file=sys.stderr)
     described = runtime.describe()
     print(json.dumps({
         "bench": "train_step", "framework": f"keras {keras.__version__} / tf {tf.__version__}",
@@ -74,5 +78,6 @@ def main(argv):
         "replicas": strategy.num_replicas_in_sync, "precision": described["precision"],
         "intra_op_threads": described["intra_op_threads"], "inter_op_threads": described["inter_op_threads"],
         "jit_compile": config["jit_compile"], "forward_views_together": config["forward_views_together"],
+        "steps_per_execution": per_call,
         "step_s": round(median, 5), "images_per_sec": round(config["batch_size"] / median, 2),
-        "steps": FLAGS.steps, "load_avg_1min": os.getloadavg()[0]}))
+        "steps": calls * per_call, "optimizer_steps": int(model.optimizer.iterations.numpy()), "load_avg_1min": os.getloadavg()[0]}))
