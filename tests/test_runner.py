@@ -247,7 +247,7 @@ def test_steps_per_execution_auto_divides_the_checkpoint_interval(monkeypatch):
 @pytest.mark.parametrize("every,per_call,first,steps,expected", [
     (4, 2, 0, 10, [4, 8]),         # calls end at 2, 4, ..., 10: saves at the multiples, none at the epoch's end
     (4, 4, 0, 8, [4]),
-    (6, 4, 0, 13, [8, 12]),        # not a multiple (a library user's choice): the first call past each
+    (6, 4, 0, 13, [8, 12]),        # not a multiple (settings changed on resume): the first call past each
     (4, 4, 2, 12, [6, 10]),        # resumed between multiples of 4
     (0, 4, 0, 12, []),
 ])

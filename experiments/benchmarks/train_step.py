@@ -80,4 +80,5 @@ def main(argv):
         "jit_compile": config["jit_compile"], "forward_views_together": config["forward_views_together"],
         "steps_per_execution": per_call,
         "step_s": round(median, 5), "images_per_sec": round(config["batch_size"] / median, 2),
-        "steps": calls * per_call, "optimizer_steps": int(model.optimizer.iterations.numpy()), "load_avg_1min": os.getloadavg()[0]}))
+        "steps": calls * per_call, "optimizer_steps": int(model.optimizer.iterations.numpy()),
+        "load_avg_1min": os.getloadavg()[0]}))
