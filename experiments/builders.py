@@ -14,8 +14,9 @@ SMALL_MODEL_CPU_PATCH_GRADIENT_POSITIONS = 16
 
 # --steps_per_execution=auto on a CPU-only machine with one replica: train steps per call of the
 # compiled train function. Between two calls Keras' fit loop runs Python (callbacks, logs) while
-# the cores wait: 8 steps per call made the quick run's epochs ~10 % faster (BUILD_NOTES "Steps per
-# execution, and issue 19 on a Zen 4 host"). Accelerators and several replicas keep Keras' default of 1.
+# the cores wait: 8 steps per call made the quick run's epochs 9-10 % faster in short alternating runs,
+# 1-2 % in two paired `make demo` runs (BUILD_NOTES "Steps per execution, and issue 19 on a Zen 4
+# host"). Accelerators and several replicas keep Keras' default of 1.
 CPU_STEPS_PER_EXECUTION = 8
 
 # Flags that become keyword arguments of the predictor's rule, each given to the rules whose
