@@ -60,8 +60,8 @@ flags.DEFINE_string("threads", "auto", "TensorFlow thread pools: auto (one intra
                     "on a CPU-only machine, the fastest measured: BUILD_NOTES 'Quick run speed'; else TensorFlow's "
                     "default), default (TensorFlow's), N (intra-op) or N,M (intra-op, inter-op).")
 flags.DEFINE_string("steps_per_execution", "auto", "Train steps per call of the compiled train function (Keras "
-                    "steps_per_execution): auto (up to 8 on a CPU-only machine with one replica, dividing "
-                    "--checkpoint_every_steps: the Python work between steps; BUILD_NOTES 'Steps per execution'; else 1) or N. "
+                    "steps_per_execution): auto (on a CPU-only machine with one replica the largest N <= 8 that "
+                    "divides --checkpoint_every_steps, which saves fit's Python work between steps; else 1) or N. "
                     "Per-step callbacks (checkpoints, the divergence check) then run every N steps.")
 # -- data --------------------------------------------------------------------------------------
 _training(flags.DEFINE_string, "dataset", "fashion_mnist", "Dataset registry name (keras_ncssl.data).")

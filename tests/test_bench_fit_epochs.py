@@ -1,5 +1,6 @@
 """experiments/bench.py fit_epochs runs the runner's model on its real input, one fit per epoch,
-and reports one rate per fit (or per epoch of one fit) with the threads and precision it used."""
+and reports one rate per fit (or per epoch of one fit) with the threads and precision it used;
+bench.py train_step times the run's own steps per execution."""
 import json
 import os
 import subprocess
