@@ -9,8 +9,10 @@ from keras_ncssl import distribute, encoders, heads, models, optimizers, predict
 
 # On a CPU-only machine the small CNN's convolutions with at most this many output positions
 # compute their kernel gradient as one product (encoders.small_cnn, BUILD_NOTES "The kernel
-# gradient as one product"); accelerators keep their own convolution kernels.
-SMALL_MODEL_CPU_PATCH_GRADIENT_POSITIONS = 16
+# gradient as one product"); accelerators keep their own convolution kernels. 64 takes every
+# stage after the stem at 28 and 32 px (7x7 / 8x8 maps and smaller); the stem's 14x14-16x16 maps
+# are faster with oneDNN's kernel (BUILD_NOTES "Patches by one gather").
+SMALL_MODEL_CPU_PATCH_GRADIENT_POSITIONS = 64
 
 # --steps_per_execution=auto on a CPU-only machine with one replica: train steps per call of the
 # compiled train function. Between two calls Keras' fit loop runs Python (callbacks, logs) while
