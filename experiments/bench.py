@@ -8,6 +8,7 @@ prints one JSON line per measurement. Performance goals are checked here, never 
     python experiments/bench.py input --dataset=fashion_mnist --preset=grayscale
     python experiments/bench.py evaluation --flagfile=experiments/quick.flags --workdir=runs/quick
     python experiments/bench.py fit_epochs --flagfile=experiments/quick.flags --steps=936 --fits=5
+    python experiments/bench.py conv_gradient --image_size=28 --channels=1
 """
 import importlib
 import pkgutil
