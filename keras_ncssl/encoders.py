@@ -235,7 +235,7 @@ def small_cnn(input_shape=(32, 32, 3), widths=(32, 64, 128, 256), width_multipli
             (H x W, known from `input_shape`) are `convolution.PatchGradientConv2D`: the same
             layer, trained with the kernel gradient as one matrix product, faster on small maps
             on CPU (16, the last two stages at 28-32 px, made the quick run's step 16-22 %
-            faster; 64, every stage after the stem, another ~15 % with patches by one gather).
+            faster; 64, every stage after the stem, another 5-17 % with patches by one gather).
             0 (default): plain Conv2D everywhere.
     """
     try:
