@@ -48,10 +48,10 @@ def main(argv):
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     for index, conv in enumerate(convs):
         in_shape = (args.batch_size, *conv.input.shape[1:])
-        padding = conv.padding
-        x = tf.cast(tf.random.stateless_normal(in_shape, seed=[index, 0]), keras.mixed_precision.global_policy().compute_dtype)
+        compute_dtype = keras.mixed_precision.global_policy().compute_dtype
+        x = tf.cast(tf.random.stateless_normal(in_shape, seed=[index, 0]), compute_dtype)
         options = dict(filters=conv.filters, kernel_size=conv.kernel_size, strides=conv.strides,
-                       padding=padding, use_bias=False)
+                       padding=conv.padding, use_bias=False)
         layers = {"conv2d": keras.layers.Conv2D(**options), "patch_gradient": PatchGradientConv2D(**options)}
         calls = {}
         for name, layer in layers.items():
@@ -83,7 +83,7 @@ def main(argv):
                 wall[name].append((time.perf_counter() - start_wall) / args.calls)
         out_h, out_w = conv.output.shape[1:3]
         print(json.dumps({
-            "bench": "conv_gradient", "layer": conv.name, "input": list(in_shape), "padding": padding,
+            "bench": "conv_gradient", "layer": conv.name, "input": list(in_shape), "padding": conv.padding,
             "output_positions": int(out_h * out_w), "filters": conv.filters, "precision": args.precision,
             "threads": args.threads or "default",
             "cpu_ms": {name: round(1e3 * statistics.median(v), 3) for name, v in cpu.items()},
