@@ -46,9 +46,9 @@ def main(argv):
     keras.mixed_precision.set_global_policy(args.precision)
     model = encoders.small_cnn((args.image_size, args.image_size, args.channels))
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
     for index, conv in enumerate(convs):
         in_shape = (args.batch_size, *conv.input.shape[1:])
-        compute_dtype = keras.mixed_precision.global_policy().compute_dtype
         x = tf.cast(tf.random.stateless_normal(in_shape, seed=[index, 0]), compute_dtype)
         options = dict(filters=conv.filters, kernel_size=conv.kernel_size, strides=conv.strides,
                        padding=conv.padding, use_bias=False)
